@@ -103,8 +103,13 @@ class RoutingState:
         self.gate_weights: torch.Tensor | None = None  # (B, E), task gate only
         self.merged_task: int | None = None
         self._dropout_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._scale_cache: torch.Tensor | None = None  # (B, 1, r)
 
-    def weights_for(self, batch_size: int) -> torch.Tensor:
+    def hidden_scale(self, batch_size: int, expert_rank: int, dtype: torch.dtype) -> torch.Tensor:
+        """Return the gate weights repeated R times, shape (B, 1, r), computed once per call."""
+        cached = self._scale_cache
+        if cached is not None and cached.shape[0] == batch_size and cached.dtype == dtype:
+            return cached
         weights = self.gate_weights
         if weights is None:
             raise ValueError("task_ids is required: pass one task id per sequence")
@@ -113,8 +118,8 @@ class RoutingState:
             if batch_size % weights.shape[0]:
                 raise ValueError(f"got {weights.shape[0]} task ids for a batch of {batch_size}")
             weights = weights.repeat_interleave(batch_size // weights.shape[0], dim=0)
-            self.gate_weights = weights
-        return weights
+        self._scale_cache = weights.to(dtype).repeat_interleave(expert_rank, dim=-1)[:, None, :]
+        return self._scale_cache
 
     def dropout(self, x: torch.Tensor, dropout: nn.Module) -> torch.Tensor:
         # Projections that read the same tensor (q, k and v, or gate and up) share one dropout
@@ -131,6 +136,7 @@ class RoutingState:
     def clear(self):
         self.gate_weights = None
         self._dropout_cache = None
+        self._scale_cache = None
 
 
 class MoELoRALinear(nn.Module):
@@ -171,12 +177,13 @@ class MoELoRALinear(nn.Module):
         dtype = x.dtype
         hidden = F.linear(self.state.dropout(x, self.dropout), self.lora_A.to(dtype))  # (B, T, r)
 
-        # Gate weights per sequence (task gate) or per token (router), each repeated R times.
+        # Scale each expert's R hidden units by its gate weight, per sequence or per token.
         if self.router is None:
-            gate_weights = self.state.weights_for(x.shape[0])[:, None, :]  # (B, 1, E)
+            scale = self.state.hidden_scale(x.shape[0], self.expert_rank, hidden.dtype)  # (B, 1, r)
         else:
             gate_weights = F.softmax(F.linear(x, self.router.weight.to(dtype)), dim=-1)  # (B, T, E)
-        hidden = hidden * gate_weights.to(dtype).repeat_interleave(self.expert_rank, dim=-1)
+            scale = gate_weights.to(hidden.dtype).repeat_interleave(self.expert_rank, dim=-1)
+        hidden = hidden * scale  # (B, T, r)
 
         delta = F.linear(hidden, self.lora_B.to(dtype)) * self.scaling  # (B, T, D_out)
         return base_out + delta.to(base_out.dtype)

@@ -262,3 +262,16 @@ def test_shared_dropout_mask_for_same_input():
     dropout = nn.Dropout(0.5).train()
     x = torch.ones(4, 16)
     assert state.dropout(x, dropout) is state.dropout(x, dropout)
+
+
+def test_gradient_checkpointing_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        model = wrap(MoELoRAConfig(num_tasks=NUM_TASKS, dropout=0.0)).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        ids = token_ids(2, 8)
+        model(input_ids=ids, labels=ids, task_ids=torch.tensor([0, 2])).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    for name, grad in grads[0].items():
+        assert torch.allclose(grads[1][name], grad, atol=1e-6), name
