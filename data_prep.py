@@ -454,7 +454,7 @@ def encode_record(record: dict, tokenizer, max_length: int = 512) -> dict:
     boundary that generation starts from. When the example exceeds `max_length` tokens the input
     is shortened and the target is kept whole. Only a target longer than three quarters of
     `max_length` is itself cut at its end (losing the end-of-turn token) so that a quarter of the
-    budget stays for the prompt; `truncated` is True in both cases.
+    budget, or the template if longer, stays for the prompt; `truncated` is True in both cases.
     """
     if "task_id" not in record:
         raise ValueError(
@@ -464,7 +464,14 @@ def encode_record(record: dict, tokenizer, max_length: int = 512) -> dict:
     prompt_ids = _tokenize_prompt(record["input"], tokenizer)
     truncated = len(prompt_ids) + len(answer_ids) > max_length
     if truncated:
-        min_prompt = min(len(prompt_ids), max_length // 4)
+        # The prompt keeps at least a quarter of max_length, and never less than the template.
+        template_length = len(_tokenize_prompt("", tokenizer))
+        min_prompt = min(len(prompt_ids), max(max_length // 4, template_length))
+        if min_prompt >= max_length:
+            raise ValueError(
+                f"max_length={max_length} leaves no room for the target after the "
+                f"{template_length}-token prompt template; raise max_length"
+            )
         answer_ids = answer_ids[: max_length - min_prompt]
         prompt_ids, _ = _fit_prompt(record["input"], tokenizer, max_length - len(answer_ids))
     return {
