@@ -65,6 +65,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm import tqdm
+
 logger = logging.getLogger("data_prep")
 
 # -----------------------------------------------------------------------------
@@ -340,12 +342,29 @@ def load_split(data_dir: str | Path, split: str) -> list[dict]:
 # prompt formatting and tokenization
 
 
+# Rendered text around the user content, per chat template: (before, after), or None when the
+# template does not insert the content verbatim (it trims it, say) and must render every prompt.
+_PROMPT_PIECES: dict[tuple[str, str], tuple[str, str] | None] = {}
+_SENTINEL = " \n\ue000\n "  # private-use character padded with whitespace a template might trim
+
+
 def _render_prompt(input_text: str, tokenizer) -> str:
     """Return the prompt text: the user turn plus the assistant generation prompt."""
     if tokenizer.chat_template is None:
         return FALLBACK_PROMPT.format(input=input_text)
-    messages = [{"role": "user", "content": input_text}]
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    # Rendering a Jinja template costs as much as tokenizing, so render it once per template.
+    key = (tokenizer.chat_template, repr(tokenizer.special_tokens_map))
+    if key not in _PROMPT_PIECES:
+        messages = [{"role": "user", "content": _SENTINEL}]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        pieces = text.split(_SENTINEL)
+        _PROMPT_PIECES[key] = (pieces[0], pieces[1]) if len(pieces) == 2 else None
+    if _PROMPT_PIECES[key] is None:
+        messages = [{"role": "user", "content": input_text}]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    before, after = _PROMPT_PIECES[key]
+    return before + input_text + after
 
 
 def _tokenize_prompt(input_text: str, tokenizer) -> list[int]:
@@ -419,23 +438,22 @@ def _fit_prompt(input_text: str, tokenizer, budget: int) -> tuple[list[int], boo
     prompt_ids = _tokenize_prompt(input_text, tokenizer)
     if len(prompt_ids) <= budget:
         return prompt_ids, False
-
-    # Binary search on the number of kept characters; characters, not tokens, are cut so that
-    # multi-byte (Chinese) text is never split inside a character.
-    low, high = 0, len(input_text)
-    best = None
-    while low <= high:
-        keep = (low + high) // 2
-        ids = _tokenize_prompt(_shorten_input(input_text, keep), tokenizer)
-        if len(ids) <= budget:
-            best, low = ids, keep + 1
-        else:
-            high = keep - 1
-    if best is None:
+    template_length = len(_tokenize_prompt("", tokenizer))
+    if template_length > budget:
         raise ValueError(
-            f"the prompt template alone needs more than {budget} tokens; raise max_length"
+            f"the prompt template alone needs {template_length} tokens, more than the "
+            f"{budget} left for the prompt; raise max_length"
         )
-    return best, True
+
+    # Characters, not tokens, are cut so that multi-byte (Chinese) text is never split inside a
+    # character. Each round scales the kept length by the ratio of allowed to current input
+    # tokens; token boundaries shift at the cut, so a few rounds may be needed.
+    keep = len(input_text)
+    while len(prompt_ids) > budget:
+        input_tokens = max(1, len(prompt_ids) - template_length)
+        keep = min(keep - 1, keep * (budget - template_length) // input_tokens)
+        prompt_ids = _tokenize_prompt(_shorten_input(input_text, max(keep, 0)), tokenizer)
+    return prompt_ids, True
 
 
 def encode_prompt(input_text: str, tokenizer, max_length: int = 512) -> list[int]:
@@ -480,6 +498,29 @@ def encode_record(record: dict, tokenizer, max_length: int = 512) -> dict:
         "task_id": int(record["task_id"]),
         "truncated": truncated,
     }
+
+
+def encode_records(records: list[dict], tokenizer, max_length: int = 512) -> list[dict]:
+    """Encode records with encode_record and log how many were truncated, per task."""
+    examples = []
+    truncated_per_task = {}
+    for record in tqdm(records, desc="tokenize", unit="rec", disable=len(records) < 1000):
+        example = encode_record(record, tokenizer, max_length)
+        if example["truncated"]:
+            name = record["task_dataset"]
+            truncated_per_task[name] = truncated_per_task.get(name, 0) + 1
+        examples.append(example)
+
+    if truncated_per_task:
+        per_task = ", ".join(f"{name}={n}" for name, n in sorted(truncated_per_task.items()))
+        logger.warning(
+            "truncated %d of %d examples to max_length=%d (%s)",
+            sum(truncated_per_task.values()),
+            len(records),
+            max_length,
+            per_task,
+        )
+    return examples
 
 
 def collate(examples: list[dict], pad_token_id: int, padding_side: str = "right") -> dict:
@@ -617,6 +658,9 @@ def split_records(
         train_pool = kept["train"][name]
         rng.shuffle(train_pool)
 
+        for split in ("dev", "test"):
+            if pools[split] and not given[split]:
+                logger.warning("task %s has no records in the --%s files", name, split)
         needed = [split for split in ("dev", "test") if not pools[split]]
         sizes = _split_sizes(len(train_pool), fractions, needed, name)
         parts = {

