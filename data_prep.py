@@ -15,7 +15,7 @@ Input records use the PromptCBLUE format, one JSON object a line:
     sample_id       str | int   an id, unique within one file
 
 Lines may end in LF, CRLF or a bare CR, a UTF-8 byte-order mark is skipped and blank lines are
-ignored. A prepared data directory holds `train.jsonl`, `dev.jsonl`, `test.jsonl` (records
+ignored. A prepared data directory contains `train.jsonl`, `dev.jsonl`, `test.jsonl` (records
 in the same format) and `tasks.json`, the task registry: a JSON list with one object per task,
 
     {"name", "id", "task_type", "metric", "answer_choices", "counts", "max_target_chars",
@@ -168,7 +168,7 @@ def _field_error(path, line_no: int, field_name: str | None, message: str) -> Va
 
 
 def _invalid_utf8_error(path, line_no: int, raw: bytes, exc: UnicodeDecodeError) -> ValueError:
-    """Build the error for a line that is not UTF-8, naming the field that holds the bytes."""
+    """Build the error for a line that is not UTF-8, naming the field that contains the bytes."""
     bad = f"invalid UTF-8 byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} of the line"
     text = raw.decode("utf-8", errors="surrogateescape")
     try:
@@ -253,7 +253,7 @@ def read_records(path: str | Path) -> list[tuple[dict, int]]:
         records.append((validate_record(obj, path, line_no), line_no))
 
     if not records:
-        raise ValueError(f"{path}: no records (the file is empty or holds only blank lines)")
+        raise ValueError(f"{path}: no records: the file is empty or contains only blank lines")
     return records
 
 
@@ -423,8 +423,8 @@ def _tokenize_answer(input_text: str, target: str, tokenizer) -> list[int]:
 def _shorten_input(input_text: str, keep: int) -> str:
     """Keep `keep` characters of the input: the first quarter from its start, the rest from its end.
 
-    The start usually holds the instruction and the end the question and answer options, so the
-    middle (a long passage or dialogue) is what is cut.
+    The start usually contains the instruction and the end the question and answer options, so
+    the middle (a long passage or dialogue) is what is cut.
     """
     if keep >= len(input_text):
         return input_text
@@ -447,7 +447,7 @@ def _fit_prompt(input_text: str, tokenizer, budget: int) -> tuple[list[int], boo
 
     # Characters, not tokens, are cut so that multi-byte (Chinese) text is never split inside a
     # character. Each round scales the kept length by the ratio of allowed to current input
-    # tokens; token boundaries shift at the cut, so a few rounds may be needed.
+    # tokens. Token boundaries shift at the cut, so a few rounds may be needed.
     keep = len(input_text)
     while len(prompt_ids) > budget:
         input_tokens = max(1, len(prompt_ids) - template_length)
@@ -468,7 +468,7 @@ def encode_prompt(input_text: str, tokenizer, max_length: int = 512) -> list[int
 def encode_record(record: dict, tokenizer, max_length: int = 512) -> dict:
     """Tokenize one record into input_ids, labels (-100 on the prompt), task_id and truncated.
 
-    The prompt ids equal `encode_prompt(record["input"], ...)` so training sees the same token
+    The prompt ids equal `encode_prompt(record["input"], ...)`, so training uses the same token
     boundary that generation starts from. When the example exceeds `max_length` tokens the input
     is shortened and the target is kept whole. Only a target longer than three quarters of
     `max_length` is itself cut at its end (losing the end-of-turn token) so that a quarter of the
@@ -622,21 +622,21 @@ def split_records(
 ) -> tuple[dict[str, list[dict]], dict[str, TaskStats]]:
     """Filter, de-duplicate and split records per task.
 
-    `pools` maps "train", "dev" and "test" to the records read for them; the dev and test pools
-    are non-empty only when --dev/--test files were given, and a split whose pool is empty is
-    cut from the train pool instead. Records with an empty target are dropped. Records with the
+    `pools` maps "train", "dev" and "test" to the records read for them. The dev and test pools
+    are non-empty only when --dev/--test files were given. A split whose pool is empty is cut
+    from the train pool instead. Records with an empty target are dropped. Records with the
     same task, input and target are kept once: test files win over dev files and dev files over
     the train pool, so given evaluation files stay whole and never overlap training. Each task
     is shuffled with its own seed, so adding a task never changes another task's split.
     """
-    wanted = set(task_names)
+    selected = set(task_names)
     stats = {name: TaskStats() for name in task_names}
     seen = set()
-    kept = {split: {name: [] for name in task_names} for split in SPLITS}
+    unique_records = {split: {name: [] for name in task_names} for split in SPLITS}
     for split in ("test", "dev", "train"):
         for record in pools[split]:
             name = record["task_dataset"]
-            if name not in wanted:
+            if name not in selected:
                 continue
             stats[name].read += 1
             if not record["target"].strip():
@@ -647,26 +647,26 @@ def split_records(
                 stats[name].duplicates += 1
                 continue
             seen.add(key)
-            kept[split][name].append(record)
+            unique_records[split][name].append(record)
 
     splits = {split: [] for split in SPLITS}
     for name in task_names:
         rng = random.Random(f"{seed}:{name}")
-        given = {split: kept[split][name] for split in ("dev", "test")}
+        supplied = {split: unique_records[split][name] for split in ("dev", "test")}
         for split in ("dev", "test"):
-            rng.shuffle(given[split])
-        train_pool = kept["train"][name]
+            rng.shuffle(supplied[split])
+        train_pool = unique_records["train"][name]
         rng.shuffle(train_pool)
 
         for split in ("dev", "test"):
-            if pools[split] and not given[split]:
+            if pools[split] and not supplied[split]:
                 logger.warning("task %s has no records in the --%s files", name, split)
         needed = [split for split in ("dev", "test") if not pools[split]]
         sizes = _split_sizes(len(train_pool), fractions, needed, name)
         parts = {
-            "dev": given["dev"] if pools["dev"] else train_pool[: sizes["dev"]],
+            "dev": supplied["dev"] if pools["dev"] else train_pool[: sizes["dev"]],
             "test": (
-                given["test"]
+                supplied["test"]
                 if pools["test"]
                 else train_pool[sizes["dev"] : sizes["dev"] + sizes["test"]]
             ),
@@ -688,8 +688,7 @@ def build_registry(
     for task_id, name in enumerate(sorted(task_names)):
         records = [r for split in SPLITS for r in splits[split] if r["task_dataset"] == name]
         task_types = sorted({r["task_type"] for r in records})
-        if len(task_types) != 1:
-            raise ValueError(f"task {name} mixes task types {task_types}; expected one")
+        assert len(task_types) == 1, f"task {name} mixes task types {task_types}"
 
         choices = []
         for record in records:
@@ -776,6 +775,20 @@ def format_count_table(tasks: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _check_task_type(record: dict, path: Path, line_no: int, task_types: dict) -> None:
+    """Raise ValueError when a task's records disagree on its task type."""
+    name = record["task_dataset"]
+    first = task_types.setdefault(name, (record["task_type"], path, line_no))
+    if record["task_type"] != first[0]:
+        raise _field_error(
+            path,
+            line_no,
+            "task_type",
+            f"task {name} has type {record['task_type']!r} here but {first[0]!r} at "
+            f"{first[1]}:{first[2]}; a task needs one task type",
+        )
+
+
 def prepare(config: PrepConfig) -> list[dict]:
     """Read, split and write one prepared data directory; return its task registry."""
     if len(config.split) != 3 or any(f < 0 for f in config.split):
@@ -785,9 +798,13 @@ def prepare(config: PrepConfig) -> list[dict]:
 
     pools = {}
     if config.sources:
+        task_types = {}  # task name -> (task type, file, line) of its first record
         for split, paths in (("train", config.sources), ("dev", config.dev), ("test", config.test)):
-            files = find_task_files(paths) if paths else []
-            pools[split] = [record for path in files for record, _ in read_records(path)]
+            pools[split] = []
+            for path in find_task_files(paths) if paths else []:
+                for record, line_no in read_records(path):
+                    _check_task_type(record, path, line_no, task_types)
+                    pools[split].append(record)
     else:
         if config.dev or config.test:
             raise ValueError("--dev and --test need --source; the demo set is split internally")
@@ -813,9 +830,9 @@ def prepare(config: PrepConfig) -> list[dict]:
 # -----------------------------------------------------------------------------
 # the embedded demo set
 #
-# Facts follow common first-line practice as taught in general medicine; they give the demo
-# realistic structure and are not clinical guidance. Names hold no ",", ";", "(" or ")" so the
-# answer formats above parse unambiguously.
+# The facts are textbook associations (typical symptoms, treating department, common first-line
+# drugs) written for this demo. They give it realistic structure and are not clinical guidance.
+# Names contain no ",", ";", "(" or ")", so the answer formats above parse unambiguously.
 
 
 @dataclass(frozen=True)
@@ -988,11 +1005,11 @@ def _demo_ner(rng: random.Random) -> tuple[str, str, list[str]]:
     condition = rng.choice(CONDITIONS)
     symptoms = rng.sample(condition.symptoms, k=rng.randint(1, min(3, len(condition.symptoms))))
     drug = rng.choice(condition.drugs)
-    who = _age_and_sex(rng)
+    patient = _age_and_sex(rng)
     days = rng.randint(2, 21)
     choice = rng.randrange(6)
     if choice == 0:
-        sentence = f"A {who} with known {condition.name} reports {_join_words(symptoms)}."
+        sentence = f"A {patient} with known {condition.name} reports {_join_words(symptoms)}."
         entities = {"disease": [condition.name], "symptom": symptoms}
     elif choice == 1:
         sentence = (
@@ -1001,20 +1018,20 @@ def _demo_ner(rng: random.Random) -> tuple[str, str, list[str]]:
         )
         entities = {"disease": [condition.name], "symptom": symptoms, "drug": [drug]}
     elif choice == 2:
-        sentence = f"The {who} has had {_join_words(symptoms)} for {days} days."
+        sentence = f"The {patient} has had {_join_words(symptoms)} for {days} days."
         entities = {"symptom": symptoms}
     elif choice == 3:
         sentence = f"Started on {drug} for {condition.name} {days} days ago; no new complaints."
         entities = {"disease": [condition.name], "drug": [drug]}
     elif choice == 4:
-        sentence = f"The {who} takes {drug} daily and denies {_join_words(symptoms)}."
+        sentence = f"The {patient} takes {drug} daily and denies {_join_words(symptoms)}."
         entities = {"symptom": symptoms, "drug": [drug]}
     else:
         sentence = rng.choice(
             [
-                f"The {who} attends a routine check-up {days} days after a normal visit.",
-                f"Follow-up booked in {days} days; the {who} feels well.",
-                f"The {who} asks about vaccination before travelling in {days} days.",
+                f"The {patient} attends a routine check-up {days} days after a normal visit.",
+                f"Follow-up booked in {days} days; the {patient} feels well.",
+                f"The {patient} asks about vaccination before travelling in {days} days.",
             ]
         )
         entities = {}
@@ -1164,6 +1181,8 @@ def parse_args(argv: list[str] | None = None) -> PrepConfig:
         description="Prepare a MOELoRA data directory from PromptCBLUE-format task files, "
         "or write the embedded English demo set when no --source is given."
     )
+
+    # Inputs and output.
     parser.add_argument(
         "--source",
         nargs="+",
@@ -1173,6 +1192,8 @@ def parse_args(argv: list[str] | None = None) -> PrepConfig:
     parser.add_argument("--dev", nargs="+", default=[], help="files used whole as the dev split")
     parser.add_argument("--test", nargs="+", default=[], help="files used whole as the test split")
     parser.add_argument("--out", default=defaults.out, help="output directory (default: data)")
+
+    # Selection and splitting.
     parser.add_argument(
         "--tasks",
         nargs="+",
@@ -1192,6 +1213,7 @@ def parse_args(argv: list[str] | None = None) -> PrepConfig:
     )
     parser.add_argument("--seed", type=int, default=defaults.seed, help="shuffle and demo seed")
     args = parser.parse_args(argv)
+
     for flag in ("max_per_task", "max_dev_per_task", "max_test_per_task"):
         value = getattr(args, flag)
         if value is not None and value < 1:

@@ -261,6 +261,14 @@ def test_absent_task_lists_tasks_present(tmp_path):
         run_prepare(tmp_path, [path], tasks=["AAA", "CCC"])
 
 
+def test_mixed_task_types_rejected(tmp_path):
+    records = task_records("AAA", 5) + [make_record(task_dataset="AAA", task_type="ner")]
+    path = write_lines(tmp_path / "a.json", records)
+
+    with pytest.raises(ValueError, match=r"a\.json:6: field 'task_type': task AAA has type 'ner'"):
+        run_prepare(tmp_path, [path])
+
+
 def test_invalid_input_writes_nothing(tmp_path):
     good = write_lines(tmp_path / "good.json", task_records("AAA", 5))
     bad = write_lines(tmp_path / "bad.json", [make_record(sample_id=1.5)])
