@@ -470,9 +470,9 @@ def encode_record(record: dict, tokenizer, max_length: int = 512) -> dict:
 
     The prompt ids equal `encode_prompt(record["input"], ...)`, so training uses the same token
     boundary that generation starts from. When the example exceeds `max_length` tokens the input
-    is shortened and the target is kept whole. Only a target longer than three quarters of
-    `max_length` is itself cut at its end (losing the end-of-turn token) so that a quarter of the
-    budget, or the template if longer, stays for the prompt; `truncated` is True in both cases.
+    is shortened and the target is kept whole. The prompt keeps at least a quarter of
+    `max_length`, or the whole template if longer. A target too long for the rest is cut at its
+    end and loses the end-of-turn token. `truncated` is True in both cases.
     """
     if "task_id" not in record:
         raise ValueError(
@@ -1114,14 +1114,14 @@ def _demo_report(rng: random.Random) -> tuple[str, str, None]:
     symptoms = rng.sample(condition.symptoms, k=2)
     drug = rng.choice(condition.drugs)
     days = rng.randint(2, 30)
-    question = rng.choice(
+    question, replies = rng.choice(
         [
-            "Any other problems?",
-            "Have you taken anything for it?",
-            "Is it getting worse?",
+            ("Any other problems?", ["No, nothing else.", "I also feel tired."]),
+            ("Have you taken anything for it?", ["Not yet.", "Only some painkillers."]),
+            ("Is it getting worse?", ["A little worse each day.", "It stays the same."]),
         ]
     )
-    reply = rng.choice(["No, nothing else.", "Not yet.", "A little worse each day."])
+    reply = rng.choice(replies)
     complaint = f"{symptoms[0]} and {symptoms[1]} for {days} days"
     text = (
         "Write a short visit report for this dialogue.\n"
