@@ -248,7 +248,11 @@ def read_records(path: str | Path) -> list[tuple[dict, int]]:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
             raise _field_error(
-                path, line_no, None, f"invalid JSON ({exc.msg} at column {exc.colno})"
+                path,
+                line_no,
+                None,
+                f"invalid JSON ({exc.msg} at column {exc.colno}); a task file needs one JSON "
+                "record per line",
             ) from None
         records.append((validate_record(obj, path, line_no), line_no))
 
@@ -660,7 +664,7 @@ def split_records(
 
         for split in ("dev", "test"):
             if pools[split] and not supplied[split]:
-                logger.warning("task %s has no records in the --%s files", name, split)
+                logger.warning("task %s has no labelled records in the --%s files", name, split)
         needed = [split for split in ("dev", "test") if not pools[split]]
         sizes = _split_sizes(len(train_pool), fractions, needed, name)
         parts = {
