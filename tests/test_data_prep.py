@@ -319,18 +319,17 @@ def test_duplicates_and_empty_targets_counted(tmp_path):
 
 def test_split_is_seeded_and_disjoint(tmp_path):
     path = write_lines(tmp_path / "a.json", task_records("AAA", 50))
-    run_prepare(tmp_path, [path], out="one", seed=1)
-    run_prepare(tmp_path, [path], out="two", seed=1)
-    run_prepare(tmp_path, [path], out="three", seed=2)
+    run_prepare(tmp_path, [path], out="seed1", seed=1)
+    run_prepare(tmp_path, [path], out="seed1-again", seed=1)
+    run_prepare(tmp_path, [path], out="seed2", seed=2)
 
     for split in ("train", "dev", "test"):
-        one = (tmp_path / "one" / f"{split}.jsonl").read_bytes()
-        assert one == (tmp_path / "two" / f"{split}.jsonl").read_bytes()
-    assert (tmp_path / "one" / "dev.jsonl").read_bytes() != (
-        tmp_path / "three" / "dev.jsonl"
-    ).read_bytes()
+        first = (tmp_path / "seed1" / f"{split}.jsonl").read_bytes()
+        assert first == (tmp_path / "seed1-again" / f"{split}.jsonl").read_bytes()
+    seed1_dev = (tmp_path / "seed1" / "dev.jsonl").read_bytes()
+    assert seed1_dev != (tmp_path / "seed2" / "dev.jsonl").read_bytes()
     ids = {
-        split: {r["sample_id"] for r in load_split(tmp_path / "one", split)}
+        split: {r["sample_id"] for r in load_split(tmp_path / "seed1", split)}
         for split in ("train", "dev", "test")
     }
     assert not ids["train"] & ids["dev"]
@@ -365,6 +364,24 @@ def test_max_per_task_caps_each_split(tmp_path):
     counts = {task["name"]: task["counts"] for task in tasks}
     assert counts["AAA"] == {"train": 10, "dev": 3, "test": 10}
     assert counts["BBB"] == {"train": 10, "dev": 2, "test": 2}
+
+
+@pytest.mark.parametrize(
+    ("fractions", "message"),
+    [((0.8, 0.1, 0.2), "must sum to 1"), ((1.1, -0.05, -0.05), "non-negative")],
+)
+def test_invalid_split_fractions_rejected(tmp_path, fractions, message):
+    path = write_lines(tmp_path / "a.json", task_records("AAA", 10))
+
+    with pytest.raises(ValueError, match=message):
+        run_prepare(tmp_path, [path], split=fractions)
+
+
+def test_dev_files_without_source_rejected(tmp_path):
+    path = write_lines(tmp_path / "dev.json", task_records("AAA", 3))
+
+    with pytest.raises(ValueError, match="--dev and --test need --source"):
+        prepare(PrepConfig(dev=[str(path)], out=str(tmp_path / "out")))
 
 
 def test_registry_fields(tmp_path):
