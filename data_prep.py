@@ -21,7 +21,7 @@ in the same format) and `tasks.json`, the task registry: a JSON list with one ob
     {"name", "id", "task_type", "metric", "answer_choices", "counts", "max_target_chars",
      "source_counts"}
 
-where ids are 0..K-1 in sorted task-name order, `counts` holds the records per split,
+where ids are 0..K-1 in sorted task-name order, `counts` is the record count per split,
 `answer_choices` the union of the choices seen in that task's records (first-seen order; null
 when no record has choices or when they number more than 200), `max_target_chars` the longest
 training target in characters, and `source_counts` the records read, dropped as duplicates
@@ -33,12 +33,13 @@ Without one, the fallback format is the plain text
 
     User: {input}\\nAssistant:{target}<eos>
 
-where the prompt side is tokenized with the tokenizer's default special tokens (a BOS for Llama
-tokenizers) and the target side without, followed by the EOS token. Labels are -100 on the
-prompt and on padding; the target tokens and the end-of-turn token carry the loss.
+where the prompt side is tokenized with the tokenizer's default special tokens (a BOS where
+the tokenizer adds one) and the target side without, followed by the EOS token. Labels are
+-100 on the prompt and on padding, so the target tokens and the end-of-turn token carry the loss.
 
 The embedded demo set (no --source) has five English clinical tasks, one per PromptCBLUE task
-type below, generated from the fact tables in this file. Its answer formats:
+type below (triage, clinical_ner, term_normalization, drug_relations, visit_report), generated
+from the fact tables in this file. Its answer formats:
 
     task type          answer format (target text)
     cls                the label text alone, one of the record's answer_choices
@@ -52,7 +53,7 @@ type below, generated from the fact tables in this file. Its answer formats:
 Usage:
 
     python data_prep.py --out data/                          # the embedded demo set
-    python data_prep.py --source ../promptcblue/cblue-aug --tasks paper --out data/cblue
+    python data_prep.py --source path/to/promptcblue/cblue-aug --tasks paper --out data/cblue
 """
 
 import argparse
@@ -1241,7 +1242,7 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     try:
         tasks = prepare(config)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(format_count_table(tasks))
