@@ -359,7 +359,7 @@ def _render_prompt(input_text: str, tokenizer) -> str:
         return FALLBACK_PROMPT.format(input=input_text)
 
     # Rendering a Jinja template costs as much as tokenizing, so render it once per template.
-    key = (tokenizer.chat_template, repr(tokenizer.special_tokens_map))
+    key = (repr(tokenizer.chat_template), repr(tokenizer.special_tokens_map))
     if key not in _PROMPT_PIECES:
         messages = [{"role": "user", "content": _SENTINEL}]
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
