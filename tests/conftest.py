@@ -33,7 +33,7 @@ def _fixture_text() -> list[str]:
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
-    """A folder holding a 1,000-piece sentencepiece `tokenizer.model` trained on fixture text."""
+    """A folder holding a 2,000-piece sentencepiece `tokenizer.model` trained on fixture text."""
     import sentencepiece as spm
 
     folder = tmp_path_factory.mktemp("tokenizer")
@@ -41,7 +41,7 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(_fixture_text()),
         model_writer=model,
-        vocab_size=1000,
+        vocab_size=2000,
         model_type="bpe",
         character_coverage=0.9995,
         byte_fallback=True,
