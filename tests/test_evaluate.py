@@ -2,10 +2,10 @@
 
 import json
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import pytest
-from conftest import PROMPTCBLUE
+from conftest import PROMPTCBLUE, make_tiny_model
 
 import evaluate
 from evaluate import (
@@ -221,3 +221,206 @@ def test_primary_metric_promptcblue_rules():
     )
     with pytest.raises(ValueError, match="unknown metric"):
         evaluate.primary_metric({"name": "x", "task_type": "cls", "metric": "bleu"})
+
+
+# -----------------------------------------------------------------------------
+# the demo set
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    import data_prep
+
+    folder = tmp_path_factory.mktemp("demo")
+    assert data_prep.main(["--out", str(folder)]) == 0
+    return folder
+
+
+@pytest.fixture(scope="module")
+def toy_dir(tmp_path_factory):
+    import data_prep
+
+    folder = tmp_path_factory.mktemp("toy")
+    argv = [
+        "--source",
+        str(TOY / "train.json"),
+        "--dev",
+        str(TOY / "dev.json"),
+        "--out",
+        str(folder),
+    ]
+    assert data_prep.main(argv) == 0
+    return folder
+
+
+def test_demo_formats_parse_examples():
+    formats = evaluate.DEMO_PARSE_FORMATS
+    ner = parse_answer(
+        "Entities: disease: flu, asthma; drug: aspirin", "ner", ["disease", "drug"], formats
+    )
+    assert ner == [
+        {"entity": "flu", "type": "disease"},
+        {"entity": "asthma", "type": "disease"},
+        {"entity": "aspirin", "type": "drug"},
+    ]
+    assert parse_answer("Entities: none", "ner", ["disease"], formats) == []
+    triples = parse_answer(
+        "Triples: (aspirin, treats, fever); (flu, has symptom, night-time cough)",
+        "spo_generation",
+        ["treats", "has symptom"],
+        formats,
+    )
+    assert triples == [
+        {"predicate": "treats", "subject": "aspirin", "object": "fever"},
+        {"predicate": "has symptom", "subject": "flu", "object": "night-time cough"},
+    ]
+    assert parse_answer("Triples: none", "spo_generation", None, formats) == []
+    terms = parse_answer("asthma; gout; fever", "normalization", ["asthma", "fever"], formats)
+    assert terms == [
+        {"entity": "asthma", "type": "normalization"},
+        {"entity": "fever", "type": "normalization"},
+    ]
+    report = parse_answer(
+        "Chief complaint: cough.\nDiagnosis: flu.\nSuggestion: rest.",
+        "report_generation",
+        None,
+        formats,
+    )
+    assert report == {"Chief complaint": "cough.", "Diagnosis": "flu.", "Suggestion": "rest."}
+
+
+def test_gold_scores_one_on_demo_set(demo_dir):
+    from data_prep import DEMO_TASKS, load_split, load_tasks
+
+    tasks = load_tasks(demo_dir)
+    assert {task["name"] for task in tasks} == set(DEMO_TASKS)
+    for split in ("train", "dev", "test"):
+        records = load_split(demo_dir, split)
+        rows = [
+            {"task": r["task_dataset"], "sample_id": r["sample_id"], "generation": r["target"]}
+            for r in records
+        ]
+        result = evaluate.score_predictions(tasks, records, rows)
+        assert set(result["tasks"]) == set(DEMO_TASKS), split
+        for name, scores in result["tasks"].items():
+            assert scores["primary"] == pytest.approx(1.0), (split, name)
+        assert result["average"] == pytest.approx(1.0)
+
+
+def test_demo_gold_answers_are_structured(demo_dir):
+    """Most demo targets parse into non-empty answers, so the 1.0 above is not empty-vs-empty."""
+    from data_prep import load_split, load_tasks
+
+    tasks = {task["name"]: task for task in load_tasks(demo_dir)}
+    empty = Counter()
+    total = Counter()
+    for record in load_split(demo_dir, "train"):
+        task = tasks[record["task_dataset"]]
+        answer = parse_answer(
+            record["target"],
+            task["task_type"],
+            record["answer_choices"],
+            evaluate.answer_formats(task),
+        )
+        total[task["name"]] += 1
+        empty[task["name"]] += not answer
+    for name in tasks:
+        assert empty[name] < total[name] / 2, (name, empty[name], total[name])
+
+
+def test_promptcblue_tasks_use_promptcblue_formats():
+    task = {"name": "CMeIE", "task_type": "spo_generation"}
+    assert evaluate.answer_formats(task) is evaluate.PROMPTCBLUE_ANSWER_FORMATS
+
+
+# -----------------------------------------------------------------------------
+# generation on tiny models
+
+
+def tiny_adapter(tokenizer, num_tasks: int, seed: int = 0):
+    """A tiny Llama with a task-gated MOELoRA adapter whose B matrices are random, not zero."""
+    import torch
+    from conftest import make_tiny_model
+
+    from moelora import MoELoRAConfig, MoELoRAModel
+
+    base = make_tiny_model(vocab_size=len(tokenizer), seed=seed)
+    config = MoELoRAConfig(num_tasks=num_tasks, num_experts=4, rank=8, dropout=0.0)
+    model = MoELoRAModel(base, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.adapted_layers().values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator) * 0.3)
+        for parameter in model.gate.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    return model.eval()
+
+
+def one_record_per_task(data_dir):
+    from data_prep import load_split, load_tasks
+
+    tasks = load_tasks(data_dir)
+    return tasks, evaluate.select_records(load_split(data_dir, "dev"), tasks, None, 1)
+
+
+def test_merged_and_routed_predictions_identical(tokenizer, toy_dir):
+    tasks, records = one_record_per_task(toy_dir)
+    model = tiny_adapter(tokenizer, len(tasks))
+    cfg = evaluate.GenerationConfig(max_new_tokens=8, max_length=128, batch_size=4)
+    merged = evaluate.generate_predictions(model, tokenizer, tasks, records, cfg)
+    assert model.merged_task is None
+
+    cfg.merge = False
+    routed = evaluate.generate_predictions(model, tokenizer, tasks, records, cfg)
+    assert len(merged) == len(records) == 16
+    assert [row["generation"] for row in merged] == [row["generation"] for row in routed]
+
+    # The adapter changes the output, so equal predictions are not equal base-model output.
+    base_model = make_tiny_model(vocab_size=len(tokenizer), seed=0)
+    base = evaluate.generate_predictions(base_model, tokenizer, tasks, records, cfg)
+    assert [row["generation"] for row in base] != [row["generation"] for row in routed]
+
+
+def test_batched_generation_matches_one_by_one(tokenizer, toy_dir):
+    from data_prep import load_split, load_tasks
+
+    tasks = load_tasks(toy_dir)
+    records = evaluate.select_records(load_split(toy_dir, "dev"), tasks, ["KUAKE-QIC"], 5)
+    model = tiny_adapter(tokenizer, len(tasks))
+    batched = evaluate.GenerationConfig(max_new_tokens=6, max_length=128, batch_size=5)
+    single = evaluate.GenerationConfig(max_new_tokens=6, max_length=128, batch_size=1)
+    rows_batched = evaluate.generate_predictions(model, tokenizer, tasks, records, batched)
+    rows_single = evaluate.generate_predictions(model, tokenizer, tasks, records, single)
+    assert [r["sample_id"] for r in rows_batched] == [r["sample_id"] for r in records]
+    assert [r["generation"] for r in rows_batched] == [r["generation"] for r in rows_single]
+
+
+def test_gate_entropy_matches_weights(tokenizer):
+    import torch
+
+    tasks = [{"name": f"task{i}", "id": i} for i in range(3)]
+    model = tiny_adapter(tokenizer, 3)
+    summary = evaluate.gate_summary(model, tasks)
+    weights = model.gate_weights(torch.arange(3))
+    for task in tasks:
+        row = weights[task["id"]].tolist()
+        assert summary["weights"][task["name"]] == pytest.approx(row)
+        expected = -sum(w * math.log(w) for w in row if w > 0)
+        assert summary["entropy"][task["name"]] == pytest.approx(expected, rel=1e-5)
+    assert summary["max_entropy"] == pytest.approx(math.log(4))
+
+
+def test_max_new_tokens_from_registry(tokenizer):
+    task = {"name": "t", "max_target_chars": 40}
+    prompts = ["头痛发热三天", "fever and cough"]
+    cfg = evaluate.GenerationConfig(new_token_margin=5)
+    tokens = sum(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+    chars = sum(len(p) for p in prompts)
+    expected = math.ceil(40 * tokens / chars * 1.25) + 5
+    assert evaluate.max_new_tokens_for_task(task, tokenizer, prompts, cfg) == expected
+    cfg.max_new_tokens = 7
+    assert evaluate.max_new_tokens_for_task(task, tokenizer, prompts, cfg) == 7
+    with pytest.raises(ValueError, match="max_target_chars"):
+        evaluate.max_new_tokens_for_task(
+            {"name": "t"}, tokenizer, prompts, evaluate.GenerationConfig()
+        )
