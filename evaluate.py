@@ -1089,15 +1089,24 @@ def evaluate_columns(args, tasks, records, cfg: GenerationConfig, out: Path) -> 
     """Generate, save and score predictions for each --adapter / --compare entry."""
     import torch
 
+    from moelora import MoELoRAModel
     from train import resolve_device_and_dtype
 
     device, dtype = resolve_device_and_dtype(args.device, args.dtype)
     specs = args.compare or [args.adapter]
+
+    # Without --model, `none` means the base model of the adapters it is compared with.
+    base_name = args.model
+    adapters = [spec for spec in specs if spec != "none"]
+    if base_name is None and adapters:
+        base_name = MoELoRAModel.read_adapter_config(adapters[0]).get("base_model_name_or_path")
+
     columns = {}
     for spec, label in zip(specs, column_labels(specs), strict=True):
         logger.info("evaluating %s on %d records (%s)", label, len(records), spec)
+        model_name = base_name if spec == "none" else args.model
         model, tokenizer, _ = load_for_evaluation(
-            spec, tasks, args.model, device, dtype, args.trust_remote_code
+            spec, tasks, model_name, device, dtype, args.trust_remote_code
         )
         rows = generate_predictions(model, tokenizer, tasks, records, cfg)
         folder = out / label if args.compare else out
@@ -1192,8 +1201,8 @@ def main(argv=None) -> dict:
     for label, result in columns.items():
         if result["missing_ids"] or result["extra_ids"]:
             notes.append(
-                f"{label}: {len(result['missing_ids'])} records without a prediction and "
-                f"{len(result['extra_ids'])} predictions without a record, scored as wrong."
+                f"{label}: records without a prediction: {len(result['missing_ids'])}; "
+                f"predictions without a record: {len(result['extra_ids'])} (both scored as wrong)."
             )
     _write_atomic(out / "results.md", table + "\n" + "\n".join(notes) + "\n")
     gates = {label: result["gate"] for label, result in columns.items() if "gate" in result}

