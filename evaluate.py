@@ -251,8 +251,8 @@ def parse_events(text: str, answer_choices: list[str] | None, fmt: dict) -> list
 def parse_attributes(text: str, answer_choices: list[str] | None, fmt: dict) -> list[dict]:
     """Parse "entity: attribute" lines into {"entity", "attr"} pairs.
 
-    The split is at the last key separator, so entity names may contain it; lines with an
-    empty entity or attribute (such as a header ending in the separator) are skipped.
+    The split is at the last key separator, so entity names may contain it. Lines with an
+    empty entity or attribute, such as a header ending in the separator, are skipped.
     """
     pairs = []
     for line in _lines(text):
@@ -371,7 +371,7 @@ def extraction_scores(golds: list[list], predictions: list[list | None]) -> dict
 
 
 def valid_label(label: str | None, answer_choices: list[str] | None, fmt: dict) -> bool:
-    """Whether `label` is one of the record's answer choices or the format's none label."""
+    """Return whether `label` is one of the record's answer choices or the format's none label."""
     if not label:
         return False
     if label == fmt.get("none_label"):
@@ -458,8 +458,8 @@ def rouge_scores(golds: list[str], predictions: list[str | None]) -> dict[str, f
 def report_rouge_scores(golds: list[dict], predictions: list[dict | None]) -> dict[str, float]:
     """ROUGE over report sections: every gold section of every record is one text pair.
 
-    A section the prediction lacks is empty text; a missing prediction scores 0 everywhere,
-    and a record that exists only in the predictions (gold None) is one pair scoring 0.
+    A section the prediction lacks is empty text, and a missing prediction scores 0 in every
+    section. A record that exists only in the predictions (gold None) is one pair scoring 0.
     """
     gold_texts, predicted_texts = [], []
     for gold, prediction in zip(golds, predictions, strict=True):
@@ -490,8 +490,8 @@ _METRIC_ALIASES = {
 def primary_metric(task: dict) -> str:
     """Return the name of the task's primary score.
 
-    PromptCBLUE's own choice wins for its tasks; other tasks use the registry's `metric` field,
-    and without one the task type decides (micro-F1, or ROUGE-L for generation types).
+    PromptCBLUE's own choice wins for its tasks. Other tasks use the registry's `metric` field,
+    and without one the task type decides: ROUGE-L for generation types, else micro-F1.
     """
     if task["name"] in PROMPTCBLUE_MACRO_F1_TASKS:
         return "macro_f1"
@@ -548,7 +548,7 @@ def score_task(task: dict, rows: list[dict], formats: dict | None = None) -> dic
 
 @dataclass
 class GenerationConfig:
-    batch_size: int = 8  # prompts per generate() call; every batch holds one task
+    batch_size: int = 8  # prompts per generate() call; every batch contains one task
     max_new_tokens: int | None = None  # cap for every task; None derives it per task
     new_token_margin: int = 16  # tokens added to the cap derived from the longest train target
     max_length: int = 1024  # prompt tokens kept (the input side is truncated beyond this)
@@ -562,9 +562,9 @@ class GenerationConfig:
 def max_new_tokens_for_task(task: dict, tokenizer, prompts: list[str], cfg: GenerationConfig):
     """Return the task's cap on new tokens.
 
-    The registry stores the longest train target in characters (`max_target_chars`); it is
-    converted to tokens with the tokens-per-character ratio of the task's own prompts (same
-    language and script as the targets), times 1.25, plus `cfg.new_token_margin`.
+    The registry stores the longest train target in characters (`max_target_chars`). The cap
+    is that length times the tokens-per-character ratio of the task's own prompts, which share
+    the targets' language and script, times 1.25, plus `cfg.new_token_margin`.
     """
     if cfg.max_new_tokens is not None:
         return cfg.max_new_tokens
@@ -683,7 +683,7 @@ def generate_predictions(
 
 
 def prediction_row(record: dict, task: dict, generation: str) -> dict:
-    """One predictions.jsonl line: ids, input, raw generation, parsed answer and gold answer."""
+    """Build one predictions.jsonl line: ids, input, raw generation, parsed and gold answer."""
     choices = record.get("answer_choices")
     formats = answer_formats(task)
     return {
@@ -711,7 +711,13 @@ def read_predictions(path) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path}, line {line_number}: invalid JSON ({error})") from None
-            for name in ("sample_id", "task", "generation"):
+            sample_id = row.get("sample_id") if isinstance(row, dict) else None
+            if isinstance(sample_id, bool) or not isinstance(sample_id, (str, int)):
+                raise ValueError(
+                    f"{path}, line {line_number}: field 'sample_id' is missing or not a string "
+                    "or integer"
+                )
+            for name in ("task", "generation"):
                 if not isinstance(row.get(name), str):
                     raise ValueError(
                         f"{path}, line {line_number}: field {name!r} is missing or not a string"
@@ -726,9 +732,9 @@ def score_predictions(
     """Score generated text against the records, task by task.
 
     Every row's `generation` is parsed again, so a parser fix applies to old files. Records
-    without a row (missing ids) score as empty answers, and rows without a record (extra ids)
-    score as wrong answers of their task; both are listed. Returns {"tasks": {name: scores},
-    "average", "missing_ids", "extra_ids"}; ids are "task/sample_id".
+    without a row (missing ids) score as empty answers. Rows without a record (extra ids) score
+    as wrong answers of their task. Returns {"tasks": {name: scores}, "average", "missing_ids",
+    "extra_ids"}, where both id lists hold "task/sample_id" strings.
     """
     formats_for = formats_for or answer_formats
     tasks_by_name = {task["name"]: task for task in tasks}
@@ -910,8 +916,8 @@ def write_predictions(path: Path, rows: list[dict]) -> None:
 
 
 def results_table(tasks: list[dict], columns: dict[str, dict]) -> str:
-    """A Markdown table: one row per task (primary score x 100), one column per model, the
-    average last; with several columns the best score of each row is bold."""
+    """Format a Markdown table with one row per task (primary score x 100), one column per
+    model and the average last. With several columns the best score of each row is bold."""
     names = list(columns)
     header = "| task | type | metric | " + " | ".join(names) + " |"
     lines = [header, "|" + " --- |" * (3 + len(names))]
@@ -986,7 +992,7 @@ def select_records(
         unknown = [name for name in task_names if name not in known]
         if unknown:
             raise ValueError(f"unknown tasks {unknown}; the data has {sorted(known)}")
-    kept, per_task = [], Counter()
+    selected, per_task = [], Counter()
     for record in records:
         name = record["task_dataset"]
         if task_names and name not in task_names:
@@ -994,8 +1000,8 @@ def select_records(
         if limit is not None and per_task[name] >= limit:
             continue
         per_task[name] += 1
-        kept.append(record)
-    return kept
+        selected.append(record)
+    return selected
 
 
 def column_labels(specs: list[str]) -> list[str]:
@@ -1010,17 +1016,19 @@ def column_labels(specs: list[str]) -> list[str]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+
+    # What to evaluate.
     parser.add_argument("--data", default="data", help="prepared data directory (tasks.json)")
     parser.add_argument("--split", default="test", help="split to evaluate: train, dev or test")
-    which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--adapter", help="adapter folder, or none for the base model")
-    which.add_argument(
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--adapter", help="adapter folder, or none for the base model")
+    mode.add_argument(
         "--compare",
         nargs="+",
         metavar="ADAPTER",
         help="adapter folders (or none) scored on the same records, one column each",
     )
-    which.add_argument(
+    mode.add_argument(
         "--predictions",
         metavar="FILE",
         help="rescore an existing predictions.jsonl without a model",
@@ -1036,8 +1044,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="runs/eval",
         help="output folder for predictions, results.json, results.md, gates.png",
     )
+
+    # Which records.
     parser.add_argument("--tasks", nargs="+", default=None, help="task names to evaluate")
     parser.add_argument("--limit", type=int, default=None, help="max records per task")
+
+    # Generation.
     defaults = GenerationConfig()
     parser.add_argument(
         "--batch-size", type=int, default=defaults.batch_size, help="prompts per generate() call"
@@ -1067,10 +1079,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="route every batch through the gate instead of merging the task's "
         "update into the weights",
     )
+
+    # Sampling, off by default.
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy")
-    parser.add_argument("--temperature", type=float, default=defaults.temperature)
-    parser.add_argument("--top-p", type=float, default=defaults.top_p)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument(
+        "--temperature", type=float, default=defaults.temperature, help="sampling temperature"
+    )
+    parser.add_argument(
+        "--top-p", type=float, default=defaults.top_p, help="nucleus sampling probability mass"
+    )
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="torch seed for sampling")
+
+    # Hardware.
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: auto)")
     parser.add_argument(
         "--dtype",
