@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import re
+import sys
 import tempfile
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
@@ -583,7 +584,19 @@ def max_new_tokens_for_task(task: dict, tokenizer, prompts: list[str], cfg: Gene
 
 
 def _can_merge(model) -> bool:
-    return getattr(getattr(model, "adapter_config", None), "gate", None) == "task"
+    """Return whether merging is exact enough to match routed generation.
+
+    The token gate mixes experts per token, so it cannot merge. In bfloat16 or float16 weights,
+    W + delta - delta does not restore W, and each merged task would leave rounding error in
+    the base weights for the tasks after it, so those models route every batch instead.
+    """
+    import torch
+
+    if getattr(getattr(model, "adapter_config", None), "gate", None) != "task":
+        return False
+    return all(
+        layer.base_layer.weight.dtype == torch.float32 for layer in model.adapted_layers().values()
+    )
 
 
 def generate_task(
@@ -1163,6 +1176,7 @@ def rescore_column(args, tasks, records) -> dict[str, dict]:
 
 
 def main(argv=None) -> dict:
+    """Run the evaluation the command line asks for, write the outputs and return the results."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from data_prep import load_split, load_tasks
@@ -1233,4 +1247,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")
