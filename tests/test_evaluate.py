@@ -548,3 +548,35 @@ def test_packaged_model_evaluates_demo_records(tmp_path, demo_dir):
     assert scores["records"] == 2
     assert 0.0 <= scores["accuracy"] <= 1.0
     assert results["models"]["base"]["base_model"] == "smollm2-135m-instruct"
+
+
+def test_merge_only_in_float32(tokenizer):
+    import torch
+
+    model = tiny_adapter(tokenizer, 2)
+    assert evaluate._can_merge(model)
+    assert not evaluate._can_merge(model.to(torch.bfloat16))
+    assert not evaluate._can_merge(make_tiny_model(vocab_size=len(tokenizer)))
+
+
+def test_results_table_marks_best_per_row():
+    tasks = [
+        {"name": "triage", "task_type": "cls"},
+        {"name": "visit_report", "task_type": "report_generation"},
+    ]
+
+    def column(triage, report):
+        return {
+            "tasks": {
+                "triage": {"primary": triage, "primary_metric": "macro_f1"},
+                "visit_report": {"primary": report, "primary_metric": "rouge_l"},
+            },
+            "average": (triage + report) / 2,
+        }
+
+    table = evaluate.results_table(tasks, {"base": column(0.1, 0.5), "moelora": column(0.6, 0.5)})
+    lines = table.splitlines()
+    assert lines[0] == "| task | type | metric | base | moelora |"
+    assert lines[2] == "| triage | cls | macro_f1 | 10.00 | **60.00** |"
+    assert lines[3] == "| visit_report | report_generation | rouge_l | **50.00** | **50.00** |"
+    assert lines[4] == "| **average** |  |  | 30.00 | **55.00** |"
