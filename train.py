@@ -228,10 +228,10 @@ class TrainConfig:
     task_sampling: str = "proportional"  # proportional, uniform or temperature
     temperature: float = 2.0  # T of temperature sampling: task i drawn with weight n_i^(1/T)
     # optimization
-    steps: int = 150  # optimizer steps
+    steps: int = 40  # optimizer steps
     batch_size: int = 8  # sequences per micro-batch and process
     grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 5e-4  # peak learning rate of AdamW
+    lr: float = 1e-3  # peak learning rate of AdamW
     weight_decay: float = 0.0  # AdamW weight decay
     warmup_steps: int | None = None  # linear warmup steps; None: 10% of steps
     lr_schedule: str = "cosine"  # decay after warmup: cosine, linear (both to 0) or constant
@@ -239,11 +239,11 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
     seed: int = 0  # seeds adapter init, data order and dropout
     # logging, evaluation and checkpoints
-    log_every: int = 10  # steps between log lines
-    eval_every: int = 50  # steps between dev loss evaluations; 0: only at start and end
-    eval_max_per_task: int = 32  # dev examples per task used for the dev loss; 0: all
+    log_every: int = 5  # steps between log lines
+    eval_every: int = 20  # steps between dev loss evaluations; 0: only at start and end
+    eval_max_per_task: int = 16  # dev examples per task used for the dev loss; 0: all
     eval_batch_size: int = 16  # sequences per dev loss batch
-    save_every: int = 50  # steps between checkpoints; 0: no checkpoints
+    save_every: int = 20  # steps between checkpoints; 0: no checkpoints
     keep_checkpoints: int = 2  # newest checkpoints kept
     resume: str | None = None  # "auto" (newest in OUT/checkpoints) or a checkpoint folder
 
@@ -648,6 +648,83 @@ def plot_losses(records: list[dict], task_names: list[str], path: Path) -> None:
 # training
 
 
+class IntervalStats:
+    """Train loss per task and token counts over one log interval.
+
+    The loss sums stay on the device and the token counts on the host, so adding a batch does
+    not make the host wait for the device; summarize() does, once per log interval.
+    """
+
+    def __init__(self, task_names: list[str], device: torch.device):
+        self.task_names = task_names
+        self.loss_sum = torch.zeros(len(task_names), dtype=torch.float64, device=device)  # (K,)
+        self.label_tokens = torch.zeros(len(task_names), dtype=torch.float64)  # (K,)
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum.zero_()
+        self.label_tokens.zero_()
+        self.input_tokens = 0
+        self.start = time.perf_counter()
+
+    def add(self, host_batch: dict, task_ids: torch.Tensor, sequence_loss: torch.Tensor) -> None:
+        """Count one micro-batch: host_batch on the host, the other two on the device."""
+        self.loss_sum.index_add_(0, task_ids, sequence_loss.double())
+        label_tokens = (host_batch["labels"][:, 1:] != -100).sum(dim=1).double()  # (B,)
+        self.label_tokens.index_add_(0, host_batch["task_ids"], label_tokens)
+        self.input_tokens += int(host_batch["attention_mask"].sum())
+
+    def summarize(self, world_size: int) -> dict:
+        """Return loss, loss per task and input tokens per second, summed over all processes."""
+        totals = torch.cat([self.loss_sum.cpu(), self.label_tokens])  # (2K,)
+        input_tokens = torch.tensor([float(self.input_tokens)], dtype=torch.float64)
+        if world_size > 1:
+            device = self.loss_sum.device
+            totals, input_tokens = totals.to(device), input_tokens.to(device)
+            dist.all_reduce(totals)
+            dist.all_reduce(input_tokens)
+        loss_sum, label_tokens = totals.cpu().split(len(self.task_names))
+        task_loss = {
+            name: float(loss_sum[k] / label_tokens[k])
+            for k, name in enumerate(self.task_names)
+            if label_tokens[k] > 0
+        }
+        return {
+            "kind": "train",
+            "loss": float(loss_sum.sum() / label_tokens.sum().clamp(min=1)),
+            "tokens_per_s": float(input_tokens[0]) / (time.perf_counter() - self.start),
+            "task_loss": task_loss,
+        }
+
+
+def forward_backward(model, micro_batches, device, autocast_dtype, stats) -> torch.Tensor:
+    """Accumulate the gradients of one step's micro-batches and return the step's loss.
+
+    The loss is the token-weighted mean over this process's micro-batches. Under DDP, gradients
+    are all-reduced only on the last micro-batch.
+    """
+    step_tokens = sum(int((batch["labels"][:, 1:] != -100).sum()) for batch in micro_batches)
+    step_loss = torch.zeros((), device=device)
+    for micro, host_batch in enumerate(micro_batches):
+        batch = {name: t.to(device, non_blocking=True) for name, t in host_batch.items()}
+        last = micro == len(micro_batches) - 1
+        is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        sync = model.no_sync() if is_ddp and not last else contextlib.nullcontext()
+        with sync:
+            with autocast(device, autocast_dtype):
+                logits = model(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    task_ids=batch["task_ids"],
+                ).logits  # (B, T, V)
+            losses = token_losses(logits, batch["labels"])  # (B, T-1)
+            loss = losses.sum() / max(1, step_tokens)
+            loss.backward()
+        step_loss += loss.detach()
+        stats.add(host_batch, batch["task_ids"], losses.detach().sum(dim=1))  # (B,) per sequence
+    return step_loss
+
+
 def learning_rate_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
     """Return the learning rate multiplier at `step`: linear warmup, then the decay schedule."""
     if step < warmup_steps:
@@ -800,12 +877,8 @@ def _train(config, data_dir, run_dir, tasks, task_names, rank, world_size, devic
     if start_step == 0:
         evaluate(0)  # the untrained adapter is the base model: its dev loss is the baseline
 
-    # Interval accumulators stay on the device, so steps do not wait for the host.
-    task_loss_sum = torch.zeros(len(tasks), dtype=torch.float64, device=device)  # (K,)
-    task_tokens = torch.zeros(len(tasks), dtype=torch.float64)  # (K,), on the host
-    input_tokens = 0
+    stats = IntervalStats(task_names, device)
     first_bad_step = torch.tensor(-1, device=device)
-    interval_start = time.perf_counter()
     last_checkpoint = checkpoint
     micro_batch = config.batch_size
     global_batch = micro_batch * config.grad_accum * world_size
@@ -828,33 +901,11 @@ def _train(config, data_dir, run_dir, tasks, task_names, rank, world_size, devic
             start = (micro * world_size + rank) * micro_batch
             examples = [train_examples[i] for i in indices[start : start + micro_batch]]
             micro_batches.append(collate(examples, tokenizer.pad_token_id))
-        step_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
 
-        for micro, batch in enumerate(micro_batches):
-            input_tokens += int(batch["attention_mask"].sum())
-            batch = {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
-            last = micro == len(micro_batches) - 1
-            sync = ddp_model.no_sync() if world_size > 1 and not last else contextlib.nullcontext()
-            with sync:
-                with autocast(device, autocast_dtype):
-                    logits = ddp_model(
-                        input_ids=batch["input_ids"],
-                        attention_mask=batch["attention_mask"],
-                        task_ids=batch["task_ids"],
-                    ).logits  # (B, T, V)
-                losses = token_losses(logits, batch["labels"])  # (B, T-1)
-
-                # Token-weighted mean over this process's micro-batches of the step.
-                loss = losses.sum() / max(1, step_tokens)
-                loss.backward()
-
-            sequence_loss = losses.detach().sum(dim=1).double()  # (B,)
-            task_loss_sum.index_add_(0, batch["task_ids"], sequence_loss)
-            tokens = (batch["labels"][:, 1:] != -100).sum(dim=1).double().cpu()  # (B,)
-            task_tokens.index_add_(0, batch["task_ids"].cpu(), tokens)
-            nonfinite = ~torch.isfinite(loss.detach())
-            first_bad_step = torch.where(nonfinite & (first_bad_step < 0), step, first_bad_step)
-
+        loss = forward_backward(ddp_model, micro_batches, device, autocast_dtype, stats)
+        first_bad_step = torch.where(
+            ~torch.isfinite(loss) & (first_bad_step < 0), step, first_bad_step
+        )
         if config.max_grad_norm > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
         else:
@@ -872,58 +923,34 @@ def _train(config, data_dir, run_dir, tasks, task_names, rank, world_size, devic
             continue
 
         # A NaN or infinite loss stops the run before anything is written from bad weights.
-        stop_at = int(first_bad_step)
-        if stop_at >= 0:
+        if int(first_bad_step) >= 0:
             progress.close()
-            kept = (
-                f"the last good checkpoint is {last_checkpoint}"
-                if last_checkpoint
-                else ("no checkpoint was written before it")
-            )
+            kept = f"the last good checkpoint is {last_checkpoint}"
+            if last_checkpoint is None:
+                kept = "no checkpoint was written before it"
             raise FloatingPointError(
-                f"the training loss became NaN or infinite at step {stop_at + 1}; {kept}. "
-                "Lower --lr or check the data"
+                f"the training loss became NaN or infinite at step {int(first_bad_step) + 1}; "
+                f"{kept}. Lower --lr or check the data"
             )
 
         if at_log:
-            totals = torch.cat([task_loss_sum.cpu(), task_tokens])  # (2K,)
-            counts = torch.tensor([float(input_tokens)], dtype=torch.float64)
-            if world_size > 1:
-                totals, counts = totals.to(device), counts.to(device)
-                dist.all_reduce(totals)
-                dist.all_reduce(counts)
-            loss_sums, token_sums = totals.cpu().split(len(tasks))
-            elapsed = time.perf_counter() - interval_start
-            train_loss = float(loss_sums.sum() / token_sums.sum().clamp(min=1))
-            task_loss = {
-                name: float(loss_sums[k] / token_sums[k])
-                for k, name in enumerate(task_names)
-                if token_sums[k] > 0
+            record = stats.summarize(world_size) | {
+                "step": done,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm),
             }
-            lr = scheduler.get_last_lr()[0]
-            tokens_per_s = float(counts[0].cpu()) / elapsed
-            metrics.write(
-                {
-                    "kind": "train",
-                    "step": done,
-                    "loss": train_loss,
-                    "lr": lr,
-                    "grad_norm": float(grad_norm),
-                    "tokens_per_s": tokens_per_s,
-                    "task_loss": task_loss,
-                }
-            )
+            metrics.write(record)
             if is_main:
-                progress.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}")
+                progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
                 tqdm.write(
-                    f"step={done} loss={train_loss:.4f} lr={lr:.3e} "
-                    f"tokens_per_s={tokens_per_s:.0f} grad_norm={float(grad_norm):.3f}"
+                    f"step={done} loss={record['loss']:.4f} lr={record['lr']:.3e} "
+                    f"tokens_per_s={record['tokens_per_s']:.0f} "
+                    f"grad_norm={record['grad_norm']:.3f}"
                 )
-            task_loss_sum.zero_()
-            task_tokens.zero_()
-            input_tokens = 0
-            interval_start = time.perf_counter()
+            stats.reset()
 
+        # Evaluation and checkpoint time does not count as training throughput.
+        paused_at = time.perf_counter()
         if at_eval:
             evaluate(done)
         if at_save:
@@ -934,8 +961,7 @@ def _train(config, data_dir, run_dir, tasks, task_names, rank, world_size, devic
                 prune_checkpoints(run_dir, config.keep_checkpoints)
             if world_size > 1:
                 dist.barrier()
-        if at_log or at_eval:
-            interval_start = time.perf_counter()  # evaluation time is not training throughput
+        stats.start += time.perf_counter() - paused_at
     progress.close()
 
     if is_main:
@@ -970,118 +996,87 @@ def print_dev_loss_table(records: list[dict], task_names: list[str]) -> None:
 
 
 def parse_args(argv=None) -> TrainConfig:
+    """Parse command-line flags into a TrainConfig; each flag is the field name with dashes."""
+    default = TrainConfig(data="", out="")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add = parser.add_argument
-    add("--data", required=True, help="prepared data folder (python data_prep.py --out DIR)")
-    add("--out", required=True, help="output folder for the adapter, logs and checkpoints")
+
+    def add(name: str, help: str, **kwargs):
+        field_name = name.removeprefix("--").replace("-", "_")
+        if kwargs.get("action") != "store_true" and "required" not in kwargs:
+            kwargs.setdefault("type", type(getattr(default, field_name) or ""))
+            kwargs["default"] = getattr(default, field_name)
+            if kwargs["default"] is not None:
+                help += " (default: %(default)s)"
+        parser.add_argument(name, help=help, **kwargs)
+
+    add("--data", "prepared data folder (python data_prep.py --out DIR)", required=True)
+    add("--out", "output folder for the adapter, logs and checkpoints", required=True)
     add(
         "--model",
-        default=DEFAULT_MODEL,
-        help=f"Hugging Face id or local folder (default: {DEFAULT_MODEL}, the packaged "
-        "SmolLM2-135M-Instruct)",
+        "Hugging Face id or local folder; the default is the packaged SmolLM2-135M-Instruct",
     )
     add(
         "--cache-dir",
-        default=None,
-        help="folder for the converted default model (default: $MOELORA_CACHE, else "
-        "$XDG_CACHE_HOME/moelora or ~/.cache/moelora)",
+        "folder for the converted default model; unset: $MOELORA_CACHE, else "
+        "$XDG_CACHE_HOME/moelora or ~/.cache/moelora",
     )
-    add("--trust-remote-code", action="store_true", help="run model code shipped with the model")
-    add("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    add("--trust-remote-code", "run model code shipped with the model", action="store_true")
+    add("--device", "auto, cpu, cuda or cuda:N")
     add(
         "--dtype",
-        default="auto",
+        "autocast dtype; auto: bfloat16 on CUDA where supported, else float32",
         choices=["auto", *DTYPES],
-        help="autocast dtype (default: bfloat16 on CUDA where supported, else float32)",
     )
     add(
         "--method",
-        default="moelora",
+        "moelora: task-gated experts; lora: one expert; molora: token-gated experts",
         choices=METHODS,
-        help="moelora: task-gated experts; lora: one expert; molora: token-gated experts",
     )
-    add("--num-experts", type=int, default=None, help="experts per layer (default: 8; lora: 1)")
-    add("--rank", type=int, default=16, help="total LoRA rank over all experts (default: 16)")
-    add("--alpha", type=float, default=32.0, help="scaling numerator: alpha / rank (default: 32)")
-    add("--lora-dropout", type=float, default=0.05, help="adapter input dropout (default: 0.05)")
-    add("--task-embedding-dim", type=int, default=64, help="task embedding size (default: 64)")
+    add("--num-experts", "experts per layer; unset: 8, or 1 for lora", type=int)
+    add("--rank", "total LoRA rank over all experts")
+    add("--alpha", "scaling numerator: the update is scaled by alpha / rank")
+    add("--lora-dropout", "dropout probability on the adapter input")
+    add("--task-embedding-dim", "size of the task embedding that drives the gate")
     add(
         "--target-modules",
-        default=None,
-        help="comma-separated module name suffixes, e.g. q_proj,v_proj (default: all attention "
-        "and MLP projections)",
+        "comma-separated module name suffixes, e.g. q_proj,v_proj; unset: "
+        "all attention and MLP projections",
     )
-    add("--max-length", type=int, default=512, help="max tokens per example (default: 512)")
+    add("--max-length", "max tokens per example; longer inputs lose tokens from the input side")
     add(
         "--task-sampling",
-        default="proportional",
+        "proportional: shuffle all records; uniform: each task equally often; "
+        "temperature: task i with weight n_i^(1/T)",
         choices=TASK_SAMPLING,
-        help="proportional: shuffle all records; uniform: each task equally often; "
-        "temperature: task i with weight n_i^(1/T) (default: proportional)",
     )
-    add("--temperature", type=float, default=2.0, help="T for temperature sampling (default: 2)")
-    add("--steps", type=int, default=150, help="optimizer steps (default: 150)")
-    add(
-        "--batch-size",
-        type=int,
-        default=8,
-        help="sequences per micro-batch and process (default: 8)",
-    )
-    add("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: 1)")
-    add("--lr", type=float, default=5e-4, help="peak learning rate (default: 5e-4)")
-    add("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
-    add(
-        "--warmup-steps",
-        type=int,
-        default=None,
-        help="linear warmup steps (default: 10%% of --steps)",
-    )
-    add(
-        "--lr-schedule",
-        default="cosine",
-        choices=LR_SCHEDULES,
-        help="decay after warmup (default: cosine)",
-    )
-    add(
-        "--max-grad-norm",
-        type=float,
-        default=1.0,
-        help="gradient clipping L2 norm, 0 disables (default: 1.0)",
-    )
+    add("--temperature", "T of temperature sampling")
+    add("--steps", "optimizer steps")
+    add("--batch-size", "sequences per micro-batch and process")
+    add("--grad-accum", "micro-batches per optimizer step")
+    add("--lr", "peak learning rate of AdamW")
+    add("--weight-decay", "AdamW weight decay")
+    add("--warmup-steps", "linear warmup steps; unset: 10%% of --steps", type=int)
+    add("--lr-schedule", "decay after warmup, to 0 for cosine and linear", choices=LR_SCHEDULES)
+    add("--max-grad-norm", "gradient clipping threshold on the L2 norm; 0 disables clipping")
     add(
         "--gradient-checkpointing",
+        "recompute activations in backward to save memory",
         action="store_true",
-        help="recompute activations in backward to save memory",
     )
-    add("--seed", type=int, default=0, help="seed of adapter init, data order and dropout")
-    add("--log-every", type=int, default=10, help="steps between log lines (default: 10)")
-    add(
-        "--eval-every",
-        type=int,
-        default=50,
-        help="steps between dev loss evaluations, 0: start and end only (default: 50)",
-    )
-    add(
-        "--eval-max-per-task",
-        type=int,
-        default=32,
-        help="dev examples per task for the dev loss, 0: all (default: 32)",
-    )
-    add("--eval-batch-size", type=int, default=16, help="dev loss batch size (default: 16)")
-    add(
-        "--save-every",
-        type=int,
-        default=50,
-        help="steps between checkpoints, 0: none (default: 50)",
-    )
-    add("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (default: 2)")
+    add("--seed", "seed of adapter init, data order and dropout")
+    add("--log-every", "steps between log lines")
+    add("--eval-every", "steps between dev loss evaluations; 0: at the start and end only")
+    add("--eval-max-per-task", "dev examples per task in the dev loss; 0: all")
+    add("--eval-batch-size", "sequences per dev loss batch")
+    add("--save-every", "steps between checkpoints; 0: none")
+    add("--keep-checkpoints", "newest checkpoints kept")
     add(
         "--resume",
+        "continue from the newest checkpoint in --out (no value), or from the "
+        "checkpoint or run folder given",
         nargs="?",
         const="auto",
-        default=None,
-        help="continue from the newest checkpoint in --out, or from the checkpoint or run "
-        "folder given",
+        type=str,
     )
     return TrainConfig(**vars(parser.parse_args(argv)))
 

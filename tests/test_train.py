@@ -138,6 +138,23 @@ def test_lora_and_moelora_same_adapter_size(tiny_model_dir, demo_dir, tmp_path):
     assert sizes["moelora"] == sizes["lora"]
 
 
+def test_grad_accum_matches_larger_batch(tiny_model_dir, demo_dir, tmp_path):
+    # Without dropout, two micro-batches of 4 are the same step as one batch of 8: the sampler
+    # draws the same 8 records and the loss is token-weighted over both micro-batches.
+    common = dict(steps=3, lr=1e-3, lora_dropout=0.0, eval_max_per_task=1)
+    whole = train.train(
+        tiny_config(tiny_model_dir, demo_dir, tmp_path / "whole", batch_size=8, **common)
+    )
+    split = train.train(
+        tiny_config(
+            tiny_model_dir, demo_dir, tmp_path / "split", batch_size=4, grad_accum=2, **common
+        )
+    )
+    expected, actual = whole.adapter_state_dict(), split.adapter_state_dict()
+    for name, tensor in expected.items():
+        assert torch.allclose(actual[name], tensor, rtol=0, atol=1e-6), name
+
+
 # -----------------------------------------------------------------------------
 # task sampling
 
