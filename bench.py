@@ -39,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -75,6 +76,7 @@ class BenchConfig:
     seq_len: int = 128  # tokens per training sequence
     warmup: int = 1  # untimed rounds over all variants before the timed ones
     repeats: int = 5  # timed rounds; each round runs one step of every variant
+    memory: bool = True  # measure peak memory, in a process per variant
     memory_steps: int = 2  # training steps run by each memory-measuring process
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
     rank: int = 16  # total adapter rank r
@@ -86,7 +88,7 @@ class BenchConfig:
     gen_prompt_len: int = 64  # tokens per prompt
     gen_new_tokens: int = 32  # tokens generated per prompt, exactly (end of sequence is ignored)
     seed: int = 0
-    profile: bool = False  # print a torch.profiler table of one step per variant
+    profile: bool = False  # print torch.profiler tables: one training step, one generation call
     json: str | None = None  # write the results to this file as well
 
 
@@ -261,7 +263,8 @@ def time_training(config: BenchConfig, base_model, batches, device, autocast) ->
                 seconds[variant.name].append(time.perf_counter() - start)
     if config.profile:
         for variant in variants:
-            _profile_step(variant, batches[0], autocast)
+            label = f"{variant.name}, one training step"
+            _profile(label, lambda v=variant: train_step(v, batches[0], autocast), device)
     params = {v.name: v.trainable_params for v in variants}
     return {"seconds": seconds, "trainable_params": params}
 
@@ -315,6 +318,10 @@ def time_generation(config: BenchConfig, base_model, device, autocast) -> dict:
                 seconds[name].append(time.perf_counter() - start)
             new_tokens = out.shape[1] - config.gen_prompt_len
             assert new_tokens == config.gen_new_tokens, (name, new_tokens)
+    if config.profile:
+        for name, run in runs.items():
+            with autocast():
+                _profile(f"{name}, one generation call", run, device)
     return {"seconds": seconds}
 
 
@@ -376,18 +383,18 @@ def _memory_worker(config: BenchConfig, name: str, sender):
     sender.close()
 
 
-def _profile_step(variant: Variant, batch: dict, autocast):
-    """Print the operators that take the most time in one training step of `variant`."""
+def _profile(label: str, run, device: torch.device):
+    """Print the operators that take the most time in one call of `run`."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU]
-    if torch.cuda.is_available():
+    if device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
-    with profile(activities=activities, profile_memory=True) as profiler:
-        train_step(variant, batch, autocast)
-    print(f"\n### profile: {variant.name}, one training step\n")
-    sort_by = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-    print(profiler.key_averages().table(sort_by=sort_by, row_limit=15, max_name_column_width=40))
+    with profile(activities=activities) as profiler:
+        run()
+    print(f"\n### profile: {label}\n")
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(profiler.key_averages().table(sort_by=sort_by, row_limit=20, max_name_column_width=40))
 
 
 # -----------------------------------------------------------------------------
@@ -408,13 +415,14 @@ def training_rows(config: BenchConfig, timing: dict, memory: dict) -> list[dict]
             "min_s": min(seconds),
             "max_s": max(seconds),
             "tokens_per_s": tokens / medians[name],
-            "peak_mib": memory[name]["peak_bytes"] / 2**20,
-            "loaded_mib": memory[name]["loaded_bytes"] / 2**20,
         }
+        if name in memory:
+            row["peak_mib"] = memory[name]["peak_bytes"] / 2**20
+            row["loaded_mib"] = memory[name]["loaded_bytes"] / 2**20
         for reference in ("peft-lora", "floor"):
             if reference in medians:
                 row[f"time_vs_{reference}"] = medians[name] / medians[reference]
-        if "peft-lora" in memory:
+        if name in memory and "peft-lora" in memory:
             row["memory_vs_peft-lora"] = (
                 memory[name]["peak_bytes"] / memory["peft-lora"]["peak_bytes"]
             )
@@ -444,7 +452,7 @@ def generation_rows(config: BenchConfig, timing: dict) -> list[dict]:
 def check_targets(train: list[dict], generation: list[dict]) -> list[dict]:
     """Compare this run's ratios with the speed and memory targets; skip what was not run."""
     time_s = {row["variant"]: row["median_s"] for row in train}
-    peak = {row["variant"]: row["peak_mib"] for row in train}
+    peak = {row["variant"]: row["peak_mib"] for row in train if "peak_mib" in row}
     gen_s = {row["variant"]: row["median_s"] for row in generation}
     targets = [
         ("moelora / peft-lora step time", time_s, "moelora", "peft-lora", 1.00),
@@ -613,22 +621,17 @@ def _peak_rss() -> int:
 
 
 def source_version() -> dict:
-    """Return the git commit of this checkout and whether the measured files differ from it."""
+    """Return the git commit of this checkout and the measured files that differ from it."""
     folder = Path(__file__).resolve().parent
+    git = {"cwd": folder, "capture_output": True, "text": True, "check": True}
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        changed = subprocess.run(
-            ["git", "status", "--porcelain", "--", "moelora.py", "bench.py"],
-            cwd=folder,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.split("\n")
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], **git).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--", "moelora.py", "bench.py"], **git
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         return {"commit": None, "uncommitted": None}
-    return {"commit": commit, "uncommitted": [line[3:] for line in changed if line.strip()]}
+    return {"commit": commit, "uncommitted": [line[3:] for line in status.splitlines()]}
 
 
 def machine_description(device: torch.device) -> dict:
@@ -653,9 +656,10 @@ def run(config: BenchConfig) -> dict:
         raise ValueError("--repeats and --memory-steps must be at least 1 and --warmup at least 0")
     device, dtype = resolve_device_and_dtype(config.device, config.dtype)
     autocast = _autocast_factory(device, dtype)
+    source = source_version()  # before the long run, so a later edit is not attributed to it
 
     # Memory first: the forked processes start before this one loads any model.
-    memory = measure_memory(config)
+    memory = measure_memory(config) if config.memory else {}
 
     torch.manual_seed(config.seed)
     base_model = load_base_model(config, device)
@@ -670,7 +674,7 @@ def run(config: BenchConfig) -> dict:
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "machine": machine_description(device),
-        "source": source_version(),
+        "source": source,
         "memory_peak_reset": all(m["peak_reset"] is not False for m in memory.values()),
         "train": train,
         "generation": gen,
@@ -730,11 +734,21 @@ def parse_args(argv=None) -> BenchConfig:
         help="training steps per memory-measuring process",
     )
     parser.add_argument(
+        "--no-memory",
+        dest="memory",
+        action="store_false",
+        help="skip the peak memory processes (the memory columns show -)",
+    )
+    parser.add_argument(
         "--variants",
         default=",".join(VARIANTS),
         help=f"comma-separated subset of: {', '.join(VARIANTS)}",
     )
-    parser.add_argument("--profile", action="store_true", help="profile one step per variant")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="print a torch.profiler table of one training step per variant and one generation",
+    )
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
 
@@ -750,6 +764,7 @@ def parse_args(argv=None) -> BenchConfig:
         seq_len=seq_len,
         warmup=args.warmup,
         repeats=args.repeats,
+        memory=args.memory,
         memory_steps=args.memory_steps,
         variants=[name.strip() for name in args.variants.split(",") if name.strip()],
         profile=args.profile,
@@ -758,6 +773,8 @@ def parse_args(argv=None) -> BenchConfig:
 
 
 def main(argv=None):
+    # PEFT 0.21 calls a transformers 5.x property that warns on every model it wraps.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
     config = parse_args(argv)
     results = run(config)
     print(format_report(results))
