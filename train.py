@@ -1003,8 +1003,9 @@ def parse_args(argv=None) -> TrainConfig:
     def add(name: str, help: str, **kwargs):
         field_name = name.removeprefix("--").replace("-", "_")
         if kwargs.get("action") != "store_true" and "required" not in kwargs:
-            kwargs.setdefault("type", type(getattr(default, field_name) or ""))
-            kwargs["default"] = getattr(default, field_name)
+            value = getattr(default, field_name)
+            kwargs.setdefault("type", str if value is None else type(value))
+            kwargs["default"] = value
             if kwargs["default"] is not None:
                 help += " (default: %(default)s)"
         parser.add_argument(name, help=help, **kwargs)
