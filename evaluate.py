@@ -910,6 +910,13 @@ def gate_summary(model, tasks: list[dict]) -> dict | None:
 # outputs
 
 
+def _default_file_mode() -> int:
+    # mkstemp creates files readable by the owner only; outputs get the usual umask mode.
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _write_atomic(path: Path, text: str) -> None:
     """Write text to a temporary file next to `path`, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -917,6 +924,7 @@ def _write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(temporary, _default_file_mode())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -930,7 +938,8 @@ def write_predictions(path: Path, rows: list[dict]) -> None:
 
 def results_table(tasks: list[dict], columns: dict[str, dict]) -> str:
     """Format a Markdown table with one row per task (primary score x 100), one column per
-    model and the average last. With several columns the best score of each row is bold."""
+    model and the average last. With several columns the best score of each row is bold,
+    unless every column ties."""
     names = list(columns)
     header = "| task | type | metric | " + " | ".join(names) + " |"
     lines = [header, "|" + " --- |" * (3 + len(names))]
@@ -946,14 +955,17 @@ def results_table(tasks: list[dict], columns: dict[str, dict]) -> str:
     task_rows.append(("**average**", "", "", averages))
 
     for name, task_type, metric, values in task_rows:
-        best = max((value for value in values if value is not None), default=None)
+        present = [value for value in values if value is not None]
+        best = max(present, default=None)
+        # A row where every column ties has no best score to mark.
+        mark = len(present) > 1 and not all(math.isclose(value, best) for value in present)
         cells = []
         for value in values:
             if value is None:
                 cells.append("-")
                 continue
             cell = f"{100 * value:.2f}"
-            if len(values) > 1 and best is not None and math.isclose(value, best):
+            if mark and math.isclose(value, best):
                 cell = f"**{cell}**"
             cells.append(cell)
         lines.append(f"| {name} | {task_type} | {metric} | " + " | ".join(cells) + " |")
@@ -986,6 +998,7 @@ def plot_gates(path: Path, gates: dict[str, dict]) -> None:
     os.close(fd)
     try:
         fig.savefig(temporary, dpi=120)
+        os.chmod(temporary, _default_file_mode())
         os.replace(temporary, path)
     finally:
         Path(temporary).unlink(missing_ok=True)

@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import stat
 from collections import Counter, defaultdict
 
 import pytest
@@ -523,6 +525,11 @@ def test_predictions_rescoring_counts_missing_and_extra(tmp_path, toy_dir):
     assert result["tasks"]["CHIP-CDN"]["micro_f1"] == 1.0
     assert "predictions without a record: 1 " in (out / "results.md").read_text(encoding="utf-8")
 
+    # Outputs get the mode of any new file, not the owner-only mode of a temporary file.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((out / "results.json").stat().st_mode) == 0o666 & ~umask
+
 
 def test_predictions_file_errors_name_line(tmp_path, toy_dir):
     path = tmp_path / "predictions.jsonl"
@@ -574,9 +581,15 @@ def test_results_table_marks_best_per_row():
             "average": (triage + report) / 2,
         }
 
-    table = evaluate.results_table(tasks, {"base": column(0.1, 0.5), "moelora": column(0.6, 0.5)})
-    lines = table.splitlines()
-    assert lines[0] == "| task | type | metric | base | moelora |"
-    assert lines[2] == "| triage | cls | macro_f1 | 10.00 | **60.00** |"
-    assert lines[3] == "| visit_report | report_generation | rouge_l | **50.00** | **50.00** |"
-    assert lines[4] == "| **average** |  |  | 30.00 | **55.00** |"
+    columns = {"base": column(0.1, 0.5), "moelora": column(0.6, 0.5), "lora": column(0.6, 0.4)}
+    lines = evaluate.results_table(tasks, columns).splitlines()
+    assert lines[0] == "| task | type | metric | base | moelora | lora |"
+    assert lines[2] == "| triage | cls | macro_f1 | 10.00 | **60.00** | **60.00** |"
+    assert (
+        lines[3] == "| visit_report | report_generation | rouge_l | **50.00** | **50.00** | 40.00 |"
+    )
+    assert lines[4] == "| **average** |  |  | 30.00 | **55.00** | 50.00 |"
+
+    # A row where all columns tie has nothing to mark.
+    lines = evaluate.results_table(tasks, {"a": column(0.0, 0.2), "b": column(0.0, 0.3)})
+    assert lines.splitlines()[2] == "| triage | cls | macro_f1 | 0.00 | 0.00 |"
