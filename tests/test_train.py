@@ -225,15 +225,21 @@ def test_kill_and_resume_matches_uninterrupted(tiny_model_dir, demo_dir, tmp_pat
     whole = tiny_config(tiny_model_dir, demo_dir, tmp_path / "whole", **settings)
     parts = replace(whole, out=str(tmp_path / "parts"))
     command = [sys.executable, str(REPO / "train.py")]
+    # One thread a process: each run is fast even when other jobs share the cores.
+    env = dict(os.environ, OMP_NUM_THREADS="1")
 
     uninterrupted = subprocess.run(
-        command + cli_args(whole), capture_output=True, text=True, cwd=REPO
+        command + cli_args(whole), capture_output=True, text=True, cwd=REPO, env=env
     )
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
 
     # Kill the second run with SIGKILL right after its first checkpoint appears.
     process = subprocess.Popen(
-        command + cli_args(parts), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        command + cli_args(parts),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 600
     while not (Path(parts.out) / "checkpoints" / "step-5").is_dir():
@@ -249,6 +255,7 @@ def test_kill_and_resume_matches_uninterrupted(tiny_model_dir, demo_dir, tmp_pat
         capture_output=True,
         text=True,
         cwd=REPO,
+        env=env,
     )
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stderr
@@ -262,20 +269,23 @@ def test_kill_and_resume_matches_uninterrupted(tiny_model_dir, demo_dir, tmp_pat
     assert steps == list(range(5, 41, 5))
 
 
-def test_resume_rejects_other_settings(tiny_model_dir, demo_dir, tmp_path):
-    config = tiny_config(tiny_model_dir, demo_dir, tmp_path / "run", steps=4, save_every=2)
+@pytest.fixture(scope="module")
+def finished_run(tiny_model_dir, demo_dir, tmp_path_factory) -> train.TrainConfig:
+    """The settings of a finished 4-step run, which left a checkpoint at step 2."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    config = tiny_config(tiny_model_dir, demo_dir, out, steps=4, save_every=2)
     train.train(config)
+    return config
 
+
+def test_resume_rejects_other_settings(finished_run):
     with pytest.raises(ValueError, match=r"lr: 0\.01 in the checkpoint, 0\.02 now"):
-        train.train(replace(config, lr=2e-2, resume="auto"))
+        train.train(replace(finished_run, lr=2e-2, resume="auto"))
 
 
-def test_existing_checkpoints_need_resume(tiny_model_dir, demo_dir, tmp_path):
-    config = tiny_config(tiny_model_dir, demo_dir, tmp_path / "run", steps=4, save_every=2)
-    train.train(config)
-
+def test_existing_checkpoints_need_resume(finished_run):
     with pytest.raises(ValueError, match="pass --resume"):
-        train.train(config)
+        train.train(finished_run)
 
 
 def test_resume_path_without_checkpoint(tiny_model_dir, demo_dir, tmp_path):
