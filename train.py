@@ -740,6 +740,8 @@ def learning_rate_factor(step: int, warmup_steps: int, total_steps: int, schedul
 
 def setup_distributed(config: TrainConfig) -> tuple[int, int, torch.device]:
     """Join the torchrun process group when launched by torchrun; return rank, world, device."""
+    # NOTE: only the CPU paths (one process, and Gloo with two) are tested; the CUDA and NCCL
+    # paths follow the PyTorch DDP recipe but have not been run.
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return 0, 1, resolve_device_and_dtype(config.device)[0]
