@@ -889,16 +889,20 @@ def load_for_evaluation(
 
 
 def gate_summary(model, tasks: list[dict]) -> dict | None:
-    """Gate weights (task x expert) and the gate entropy per task, in nats; None without a
-    task gate. Entropy ranges from 0 (one expert) to ln(E) (uniform mixing)."""
+    """Return the gate weights (task x expert) and the gate entropy per task, in nats.
+
+    Entropy ranges from 0 (one expert) to ln(E) (uniform mixing). Returns None for the token
+    gate and for a single expert (plain LoRA), whose weights are all 1.
+    """
     import torch
 
-    if getattr(getattr(model, "adapter_config", None), "gate", None) != "task":
+    adapter_config = getattr(model, "adapter_config", None)
+    if getattr(adapter_config, "gate", None) != "task" or adapter_config.num_experts == 1:
         return None
     with torch.no_grad():
         task_ids = torch.arange(len(tasks))
         weights = model.gate_weights(task_ids).float().cpu()  # (K, E)
-    entropy = -(weights * weights.clamp_min(1e-12).log()).sum(dim=-1)  # (K,)
+    entropy = (-weights * weights.clamp_min(1e-12).log()).sum(dim=-1).clamp_min(0.0)  # (K,)
     return {
         "weights": {task["name"]: weights[task["id"]].tolist() for task in tasks},
         "entropy": {task["name"]: float(entropy[task["id"]]) for task in tasks},

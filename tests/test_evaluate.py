@@ -412,6 +412,14 @@ def test_gate_entropy_matches_weights(tokenizer):
     assert summary["max_entropy"] == pytest.approx(math.log(4))
 
 
+def test_gate_summary_skips_single_expert(tokenizer):
+    from moelora import MoELoRAConfig, MoELoRAModel
+
+    base = make_tiny_model(vocab_size=len(tokenizer))
+    lora = MoELoRAModel(base, MoELoRAConfig(num_tasks=2, num_experts=1, rank=8))
+    assert evaluate.gate_summary(lora, [{"name": "a", "id": 0}, {"name": "b", "id": 1}]) is None
+
+
 def test_max_new_tokens_from_registry(tokenizer):
     task = {"name": "t", "max_target_chars": 40}
     prompts = ["头痛发热三天", "fever and cough"]
