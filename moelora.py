@@ -316,10 +316,14 @@ class MoELoRAModel(nn.Module):
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.trainable_parameters())
 
-    def gradient_checkpointing_enable(self, **kwargs):
-        """Enable the base model's gradient checkpointing; frozen inputs need grads to flow."""
-        self.base_model.gradient_checkpointing_enable(**kwargs)
-        self.base_model.enable_input_require_grads()
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
+        """Enable the base model's activation checkpointing; frozen inputs need grads to flow."""
+        base = self.base_model
+        if hasattr(base, "activation_checkpointing_enable"):  # the new name, in transformers 5.25
+            base.activation_checkpointing_enable(gradient_checkpointing_kwargs)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs)
+        base.enable_input_require_grads()
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
