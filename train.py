@@ -209,6 +209,12 @@ LR_SCHEDULES = ("cosine", "linear", "constant")
 
 @dataclass
 class TrainConfig:
+    """Settings of one training run; each field is also a command-line flag.
+
+    The step, evaluation and checkpoint defaults are sized so that the embedded demo set trains
+    in minutes on a CPU. Real data needs a larger --steps.
+    """
+
     data: str  # prepared data folder: train.jsonl, dev.jsonl and tasks.json
     out: str  # output folder: adapter, metrics.jsonl, loss.png, checkpoints/
     model: str = DEFAULT_MODEL  # Hugging Face id or local folder; DEFAULT_MODEL is the packaged one
@@ -229,7 +235,7 @@ class TrainConfig:
     task_sampling: str = "proportional"  # proportional, uniform or temperature
     temperature: float = 2.0  # T of temperature sampling: task i drawn with weight n_i^(1/T)
     # optimization
-    steps: int = 40  # optimizer steps
+    steps: int = 30  # optimizer steps
     batch_size: int = 8  # sequences per micro-batch and process
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-3  # peak learning rate of AdamW
@@ -241,10 +247,10 @@ class TrainConfig:
     seed: int = 0  # seeds adapter init, data order and dropout
     # logging, evaluation and checkpoints
     log_every: int = 5  # steps between log lines
-    eval_every: int = 20  # steps between dev loss evaluations; 0: only at start and end
-    eval_max_per_task: int = 16  # dev examples per task used for the dev loss; 0: all
+    eval_every: int = 15  # steps between dev loss evaluations; 0: only at start and end
+    eval_max_per_task: int = 8  # dev examples per task used for the dev loss; 0: all
     eval_batch_size: int = 16  # sequences per dev loss batch
-    save_every: int = 20  # steps between checkpoints; 0: no checkpoints
+    save_every: int = 15  # steps between checkpoints; 0: no checkpoints
     keep_checkpoints: int = 2  # newest checkpoints kept
     resume: str | None = None  # "auto" (newest in OUT/checkpoints) or a checkpoint folder
 
