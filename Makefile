@@ -10,6 +10,9 @@ TORCH ?= torch
 BIN := $(VENV)/bin
 RUNS ?= runs/demo
 
+# Test records per task scored in the demo: generation on a CPU is the slow part.
+DEMO_LIMIT ?= 10
+
 .PHONY: setup demo test
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
@@ -21,6 +24,14 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	touch $@
 
 setup: $(VENV)/.installed
+
+# --resume lets an interrupted demo continue where it stopped; a finished run is left as it is.
+demo: setup
+	$(BIN)/python data_prep.py --out data/
+	$(BIN)/python train.py --data data/ --out $(RUNS)/moelora --method moelora --resume
+	$(BIN)/python train.py --data data/ --out $(RUNS)/lora --method lora --resume
+	$(BIN)/python evaluate.py --data data/ --compare none $(RUNS)/moelora $(RUNS)/lora \
+		--limit $(DEMO_LIMIT) --out $(RUNS)/eval
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -454,6 +454,10 @@ def _write_adapter(path: Path, config: dict, tensors: dict[str, torch.Tensor]):
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
     (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    # mkdtemp and safetensors create private files; adapters get the usual modes.
+    tmp.chmod(0o755)
+    for file in tmp.iterdir():
+        file.chmod(0o644)
     if not path.exists():
         tmp.rename(path)
         return
