@@ -402,7 +402,7 @@ def _profile(label: str, run, device: torch.device):
 
 
 def training_rows(config: BenchConfig, timing: dict, memory: dict) -> list[dict]:
-    """One row per variant: step time statistics, throughput, parameters, memory, ratios."""
+    """Build one row per variant: step time statistics, throughput, parameters, memory, ratios."""
     tokens = config.batch_size * config.seq_len
     medians = {name: statistics.median(s) for name, s in timing["seconds"].items()}
     rows = []

@@ -88,7 +88,7 @@ def test_trainable_params_match_lora_rank(tiny_run):
     _, results = tiny_run
     params = {row["variant"]: row["trainable_params"] for row in results["train"]}
     assert params["floor"] == 0
-    # Experts split the rank, so every adapter holds one rank-16 LoRA's parameters
+    # Experts split the rank, so every adapter has one rank-16 LoRA's parameters
     # plus its gate: the task embedding table and W_g, or a router per layer.
     lora_only = params["peft-lora"]
     assert lora_only > 0
