@@ -183,9 +183,10 @@ class MoELoRALinear(nn.Module):
         else:
             gate_weights = F.softmax(F.linear(x, self.router.weight.to(dtype)), dim=-1)  # (B, T, E)
             scale = gate_weights.to(hidden.dtype).repeat_interleave(self.expert_rank, dim=-1)
-        hidden = hidden * scale  # (B, T, r)
+        # alpha / r is applied here, to r columns, rather than to the D_out columns of delta.
+        hidden = hidden * (scale * self.scaling)  # (B, T, r)
 
-        delta = F.linear(hidden, self.lora_B.to(dtype)) * self.scaling  # (B, T, D_out)
+        delta = F.linear(hidden, self.lora_B.to(dtype))  # (B, T, D_out)
         return base_out + delta.to(base_out.dtype)
 
     def task_delta_weight(self, gate_weights: torch.Tensor) -> torch.Tensor:
