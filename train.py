@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from data_prep import collate, encode_record, load_split, load_tasks
+from data_prep import collate, encode_records, load_split, load_tasks
 from moelora import MoELoRAConfig, MoELoRAModel
 
 logger = logging.getLogger("train")
@@ -408,21 +408,6 @@ def task_probabilities(counts: torch.Tensor, mode: str, temperature: float) -> t
     else:
         weights = counts.clamp(min=0) ** (1.0 / temperature) * present
     return weights / weights.sum()
-
-
-def encode_records(records: list[dict], tokenizer, max_length: int, split: str) -> list[dict]:
-    """Tokenize records with data_prep.encode_record and log how many were truncated."""
-    examples = [encode_record(record, tokenizer, max_length=max_length) for record in records]
-    truncated = sum(example["truncated"] for example in examples)
-    if truncated:
-        logger.warning(
-            "%d of %d %s examples were longer than --max-length %d and lost input tokens",
-            truncated,
-            len(examples),
-            split,
-            max_length,
-        )
-    return examples
 
 
 def fingerprint_data(data_dir: Path) -> str:
@@ -811,12 +796,10 @@ def _train(config, data_dir, run_dir, tasks, task_names, rank, world_size, devic
     trainable = model.trainable_parameters()
 
     # Data: every record tokenized once; batches are padded to their longest sequence.
-    train_examples = encode_records(
-        load_split(data_dir, "train"), tokenizer, config.max_length, "train"
-    )
+    train_examples = encode_records(load_split(data_dir, "train"), tokenizer, config.max_length)
     if not train_examples:
         raise ValueError(f"{data_dir / 'train.jsonl'} has no records to train on")
-    dev_examples = encode_records(load_split(data_dir, "dev"), tokenizer, config.max_length, "dev")
+    dev_examples = encode_records(load_split(data_dir, "dev"), tokenizer, config.max_length)
     dev_batches = make_dev_batches(
         dev_examples,
         len(tasks),
