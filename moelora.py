@@ -406,7 +406,7 @@ class MoELoRAModel(nn.Module):
             "base_model_name_or_path": getattr(self.config, "name_or_path", None),
             "r": self.adapter_config.rank,
             "lora_alpha": self.adapter_config.alpha,
-            "target_modules": _peft_target_modules(self.base_model, self.target_names),
+            "target_modules": self.target_names,  # full names: PEFT also matches them exactly
             "bias": "none",
         }
         _write_adapter(Path(path), config, tensors)
@@ -436,17 +436,6 @@ def _inject(base_model: nn.Module, config: MoELoRAConfig, state: RoutingState) -
         parent = base_model.get_submodule(parent_name)
         setattr(parent, child_name, MoELoRALinear(getattr(parent, child_name), config, state))
     return names
-
-
-def _peft_target_modules(base_model: nn.Module, names: list[str]) -> list[str]:
-    """Return the leaf names when they select exactly the adapted layers, else the full names."""
-    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
-    selected = [
-        n
-        for n, m in base_model.named_modules()
-        if isinstance(m, (nn.Linear, MoELoRALinear)) and _matches(n, leaves)
-    ]
-    return leaves if sorted(selected) == sorted(names) else list(names)
 
 
 def _write_adapter(path: Path, config: dict, tensors: dict[str, torch.Tensor]):
