@@ -185,10 +185,20 @@ def load_model_and_tokenizer(
 
     packaged = name_or_path in (None, DEFAULT_MODEL)
     path = str(convert_default_model(cache_dir)) if packaged else str(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, trust_remote_code=trust_remote_code
-    )
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
+    if looks_local and not Path(path).expanduser().is_dir():
+        raise FileNotFoundError(f"--model {path}: no such folder (a local model is a folder)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+    except OSError as error:
+        raise OSError(
+            f"--model {path}: could not load a model and tokenizer from that Hugging Face id or "
+            f"folder ({str(error).splitlines()[0]}). Check the name, or download the model to "
+            "a local folder and pass its path"
+        ) from error
     if packaged:
         # Adapters record the base model by this name, so they load on any machine.
         model.config.name_or_path = DEFAULT_MODEL
@@ -912,7 +922,7 @@ def _train(config, data_dir, run_dir, tasks, task_names, rank, world_size, devic
 
         at_log = done % config.log_every == 0 or done == config.steps
         at_eval = config.eval_every > 0 and done % config.eval_every == 0 or done == config.steps
-        at_save = config.save_every > 0 and done % config.save_every == 0 and done < config.steps
+        at_save = config.save_every > 0 and (done % config.save_every == 0 or done == config.steps)
         if not (at_log or at_eval or at_save):
             continue
 
@@ -1081,7 +1091,7 @@ def main(argv=None) -> int:
     config = parse_args(argv)
     try:
         train(config)
-    except (ValueError, FileNotFoundError, FloatingPointError) as error:
+    except (ValueError, OSError, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

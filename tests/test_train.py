@@ -99,7 +99,7 @@ def test_train_loss_decreases_over_30_steps(tiny_model_dir, demo_dir, tmp_path):
     assert saved["moelora"]["num_experts"] == 8
     assert saved["moelora"]["gate"] == "task"
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert checkpoints == ["step-10", "step-20"]
+    assert checkpoints == ["step-20", "step-30"]
 
 
 def test_train_log_lines_stable_format(tiny_model_dir, demo_dir, tmp_path, capsys):
@@ -393,7 +393,7 @@ def test_torchrun_two_ranks_identical_adapters(tiny_model_dir, demo_dir, tmp_pat
         assert torch.equal(tensor, written[name]), name
     lora_b = [name for name in rank0 if name.endswith("lora_B")]
     assert any(rank0[name].abs().sum() > 0 for name in lora_b), "B never left zero"
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-3"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-3", "step-6"]
 
 
 # -----------------------------------------------------------------------------
@@ -420,3 +420,8 @@ def test_default_model_trains_two_steps(demo_dir, tmp_path):
     saved = train.MoELoRAModel.read_adapter_config(config.out)
     assert saved["base_model_name_or_path"] == train.DEFAULT_MODEL
     assert model.config.vocab_size == 49152
+
+
+def test_missing_model_folder_raises(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        train.load_model_and_tokenizer(str(tmp_path / "absent"))
