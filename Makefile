@@ -25,7 +25,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 setup: $(VENV)/.installed
 
-# --resume lets an interrupted demo continue where it stopped; a finished run is left as it is.
+# --resume lets an interrupted demo continue where it stopped; a finished run is not retrained.
 demo: setup
 	$(BIN)/python data_prep.py --out data/
 	$(BIN)/python train.py --data data/ --out $(RUNS)/moelora --method moelora --resume
