@@ -15,7 +15,7 @@ resume.
     python train.py --data data/ --out runs/lora --method lora
     torchrun --nproc_per_node 2 train.py --data data/ --out runs/moelora   # DDP, one shard a rank
 
-The output folder holds the final adapter (adapter_config.json, adapter_model.safetensors, with
+The output folder contains the final adapter (adapter_config.json, adapter_model.safetensors, with
 the task registry), train_config.json, metrics.jsonl, loss.png and checkpoints/step-N/.
 
 Shape legend: B batch, T tokens, V vocabulary, K tasks.
@@ -434,6 +434,16 @@ def fingerprint_data(data_dir: Path) -> str:
 # loss and dev evaluation
 
 
+def batch_token_losses(model, batch: dict) -> torch.Tensor:
+    """Run the model on a collated batch and return its per-token losses, shape (B, T-1)."""
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        task_ids=batch["task_ids"],
+    ).logits  # (B, T, V)
+    return token_losses(logits, batch["labels"])
+
+
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Return the next-token cross-entropy of every position (B, T-1), 0 where labels are -100."""
     vocab_size = logits.shape[-1]
@@ -456,12 +466,7 @@ def dev_loss_per_task(model, dev_batches, num_tasks, device, autocast_dtype, ran
     for batch in dev_batches[rank::world_size]:
         batch = {name: tensor.to(device) for name, tensor in batch.items()}
         with autocast(device, autocast_dtype):
-            logits = model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                task_ids=batch["task_ids"],
-            ).logits  # (B, T, V)
-        losses = token_losses(logits, batch["labels"])  # (B, T-1)
+            losses = batch_token_losses(model, batch)  # (B, T-1)
         tokens = (batch["labels"][:, 1:] != -100).sum(dim=1)  # (B,)
         loss_sum.index_add_(0, batch["task_ids"], losses.sum(dim=1).double())
         token_count.index_add_(0, batch["task_ids"], tokens.double())
@@ -714,12 +719,7 @@ def forward_backward(model, micro_batches, device, autocast_dtype, stats) -> tor
         sync = model.no_sync() if is_ddp and not last else contextlib.nullcontext()
         with sync:
             with autocast(device, autocast_dtype):
-                logits = model(
-                    input_ids=batch["input_ids"],
-                    attention_mask=batch["attention_mask"],
-                    task_ids=batch["task_ids"],
-                ).logits  # (B, T, V)
-            losses = token_losses(logits, batch["labels"])  # (B, T-1)
+                losses = batch_token_losses(model, batch)  # (B, T-1)
             loss = losses.sum() / max(1, step_tokens)
             loss.backward()
         step_loss += loss.detach()
@@ -741,7 +741,7 @@ def learning_rate_factor(step: int, warmup_steps: int, total_steps: int, schedul
 
 def setup_distributed(config: TrainConfig) -> tuple[int, int, torch.device]:
     """Join the torchrun process group when launched by torchrun; return rank, world, device."""
-    # NOTE: only the CPU paths (one process, and Gloo with two) are tested; the CUDA and NCCL
+    # NOTE: only the CPU paths (one process, and Gloo with two) are tested. The CUDA and NCCL
     # paths follow the PyTorch DDP recipe but have not been run.
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
