@@ -99,14 +99,15 @@ class RoutingState:
     The wrapper fills it before calling the base model, so no model code has to carry task ids.
     """
 
-    def __init__(self):
+    def __init__(self, expert_rank: int = 1, scaling: float = 1.0):
+        self.expert_rank, self.scaling = expert_rank, scaling  # the same for every layer
         self.gate_weights: torch.Tensor | None = None  # (B, E), task gate only
         self.merged_task: int | None = None
         self._dropout_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self._scale_cache: torch.Tensor | None = None  # (B, 1, r)
 
-    def hidden_scale(self, batch_size: int, expert_rank: int, dtype: torch.dtype) -> torch.Tensor:
-        """Return the gate weights repeated R times, shape (B, 1, r), computed once per call."""
+    def hidden_scale(self, batch_size: int, dtype: torch.dtype) -> torch.Tensor:
+        """Return the gate weights repeated R times, times alpha / r: (B, 1, r), once per call."""
         cached = self._scale_cache
         if cached is not None and cached.shape[0] == batch_size and cached.dtype == dtype:
             return cached
@@ -118,7 +119,8 @@ class RoutingState:
             if batch_size % weights.shape[0]:
                 raise ValueError(f"got {weights.shape[0]} task ids for a batch of {batch_size}")
             weights = weights.repeat_interleave(batch_size // weights.shape[0], dim=0)
-        self._scale_cache = weights.to(dtype).repeat_interleave(expert_rank, dim=-1)[:, None, :]
+        scale = weights.to(dtype).repeat_interleave(self.expert_rank, dim=-1) * self.scaling
+        self._scale_cache = scale[:, None, :]
         return self._scale_cache
 
     def dropout(self, x: torch.Tensor, dropout: nn.Module) -> torch.Tensor:
@@ -174,20 +176,22 @@ class MoELoRALinear(nn.Module):
             return base_out  # the task's update is already inside W0
 
         # One LoRA of rank r computes every expert at once.
-        dtype = x.dtype
-        hidden = F.linear(self.state.dropout(x, self.dropout), self.lora_A.to(dtype))  # (B, T, r)
+        lora_A, lora_B = self.lora_A, self.lora_B
+        if lora_A.dtype != x.dtype:  # a bf16 or fp16 base model run without autocast
+            lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+        hidden = F.linear(self.state.dropout(x, self.dropout), lora_A)  # (B, T, r)
 
         # Scale each expert's R hidden units by its gate weight, per sequence or per token.
+        # alpha / r is applied here too, to r columns, rather than to the D_out columns of delta.
         if self.router is None:
-            scale = self.state.hidden_scale(x.shape[0], self.expert_rank, hidden.dtype)  # (B, 1, r)
+            scale = self.state.hidden_scale(x.shape[0], hidden.dtype)  # (B, 1, r)
         else:
-            gate_weights = F.softmax(F.linear(x, self.router.weight.to(dtype)), dim=-1)  # (B, T, E)
+            gate_weights = F.softmax(F.linear(x, self.router.weight.to(x.dtype)), dim=-1)
             scale = gate_weights.to(hidden.dtype).repeat_interleave(self.expert_rank, dim=-1)
-        # alpha / r is applied here, to r columns, rather than to the D_out columns of delta.
-        hidden = hidden * (scale * self.scaling)  # (B, T, r)
+            scale = scale * self.scaling  # (B, T, r)
 
-        delta = F.linear(hidden, self.lora_B.to(dtype))  # (B, T, D_out)
-        return base_out + delta.to(base_out.dtype)
+        delta = F.linear(hidden * scale, lora_B)  # (B, T, D_out)
+        return base_out + delta
 
     def task_delta_weight(self, gate_weights: torch.Tensor) -> torch.Tensor:
         """Return the task's update sum_i w_i B_i A_i * scaling as one (D_out, D_in) matrix."""
@@ -205,7 +209,7 @@ class MoELoRAModel(nn.Module):
         super().__init__()
         self.base_model = base_model
         self.adapter_config = config
-        self.state = RoutingState()
+        self.state = RoutingState(config.expert_rank, config.alpha / config.rank)
         self.gate = None
         if config.gate == "task":
             self.gate = TaskGate(config.num_tasks, config.num_experts, config.task_embedding_dim)

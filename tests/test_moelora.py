@@ -258,7 +258,7 @@ def test_forward_without_task_ids_raises():
 
 
 def test_shared_dropout_mask_for_same_input():
-    state = RoutingState()
+    state = RoutingState(expert_rank=2, scaling=2.0)
     dropout = nn.Dropout(0.5).train()
     x = torch.ones(4, 16)
     assert state.dropout(x, dropout) is state.dropout(x, dropout)
