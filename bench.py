@@ -76,6 +76,7 @@ class BenchConfig:
     seq_len: int = 128  # tokens per training sequence
     warmup: int = 1  # untimed rounds over all variants before the timed ones
     repeats: int = 5  # timed rounds; each round runs one step of every variant
+    gen_repeats: int = 10  # timed generation rounds; a round is short, and decoding is noisy
     memory: bool = True  # measure peak memory, in a process per variant
     memory_steps: int = 2  # training steps run by each memory-measuring process
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
@@ -306,7 +307,7 @@ def time_generation(config: BenchConfig, base_model, device, autocast) -> dict:
         ),
     }
     seconds = {name: [] for name in runs}
-    rounds = config.warmup + config.repeats
+    rounds = config.warmup + config.gen_repeats
     for round_index in tqdm(range(rounds), desc="generation", unit="round"):
         for name, run in runs.items():
             _synchronize(device)
@@ -652,8 +653,10 @@ def run(config: BenchConfig) -> dict:
     unknown = [name for name in config.variants if name not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variants {unknown}; expected names from {', '.join(VARIANTS)}")
-    if config.repeats < 1 or config.warmup < 0 or config.memory_steps < 1:
-        raise ValueError("--repeats and --memory-steps must be at least 1 and --warmup at least 0")
+    if min(config.repeats, config.gen_repeats, config.memory_steps) < 1 or config.warmup < 0:
+        raise ValueError(
+            "--repeats, --gen-repeats and --memory-steps must be at least 1, --warmup at least 0"
+        )
     device, dtype = resolve_device_and_dtype(config.device, config.dtype)
     autocast = _autocast_factory(device, dtype)
     source = source_version()  # before the long run, so a later edit is not attributed to it
@@ -690,7 +693,7 @@ def format_report(results: dict) -> str:
     header = (
         f"model={model} device={results['device']} dtype={results['dtype']} "
         f"batch={config['batch_size']}x{config['seq_len']} warmup={config['warmup']} "
-        f"repeats={config['repeats']} memory={memory_kind}"
+        f"repeats={config['repeats']} gen_repeats={config['gen_repeats']} memory={memory_kind}"
     )
     targets = [dict(t, result="met" if t["met"] else "missed") for t in results["targets"]]
     return "\n\n".join(
@@ -725,7 +728,15 @@ def parse_args(argv=None) -> BenchConfig:
     )
     parser.add_argument("--batch-size", type=int, help="sequences per training batch")
     parser.add_argument("--seq-len", type=int, help="tokens per training sequence")
-    parser.add_argument("--repeats", type=int, default=defaults.repeats, help="timed rounds")
+    parser.add_argument(
+        "--repeats", type=int, default=defaults.repeats, help="timed training rounds"
+    )
+    parser.add_argument(
+        "--gen-repeats",
+        type=int,
+        default=defaults.gen_repeats,
+        help="timed generation rounds",
+    )
     parser.add_argument("--warmup", type=int, default=defaults.warmup, help="untimed rounds")
     parser.add_argument(
         "--memory-steps",
@@ -764,6 +775,7 @@ def parse_args(argv=None) -> BenchConfig:
         seq_len=seq_len,
         warmup=args.warmup,
         repeats=args.repeats,
+        gen_repeats=args.gen_repeats,
         memory=args.memory,
         memory_steps=args.memory_steps,
         variants=[name.strip() for name in args.variants.split(",") if name.strip()],

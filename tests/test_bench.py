@@ -24,6 +24,8 @@ def tiny_run(tmp_path_factory):
         "0",
         "--repeats",
         "1",
+        "--gen-repeats",
+        "1",
         "--memory-steps",
         "1",
         "--json",
@@ -102,8 +104,9 @@ def test_trainable_params_match_lora_rank(tiny_run):
 
 def test_json_records_repeats_and_memory(tiny_run):
     _, results = tiny_run
-    for name, seconds in results["raw_seconds"]["train"].items():
-        assert len(seconds) == 1, name
+    for kind in ("train", "generation"):
+        for name, seconds in results["raw_seconds"][kind].items():
+            assert len(seconds) == 1, name
     for row in results["train"]:
         assert row["peak_mib"] > 0, row["variant"]
         assert row["median_s"] > 0, row["variant"]
