@@ -30,6 +30,7 @@ one task. All batches hold random token ids of full length, so no sequence is pa
 
 import argparse
 import copy
+import functools
 import json
 import math
 import multiprocessing
@@ -264,8 +265,8 @@ def time_training(config: BenchConfig, base_model, batches, device, autocast) ->
                 seconds[variant.name].append(time.perf_counter() - start)
     if config.profile:
         for variant in variants:
-            label = f"{variant.name}, one training step"
-            _profile(label, lambda v=variant: train_step(v, batches[0], autocast), device)
+            step = functools.partial(train_step, variant, batches[0], autocast)
+            _profile(f"{variant.name}, one training step", step, device, config.rank)
     params = {v.name: v.trainable_params for v in variants}
     return {"seconds": seconds, "trainable_params": params}
 
@@ -322,7 +323,7 @@ def time_generation(config: BenchConfig, base_model, device, autocast) -> dict:
     if config.profile:
         for name, run in runs.items():
             with autocast():
-                _profile(f"{name}, one generation call", run, device)
+                _profile(f"{name}, one generation call", run, device, config.rank)
     return {"seconds": seconds}
 
 
@@ -384,18 +385,31 @@ def _memory_worker(config: BenchConfig, name: str, sender):
     sender.close()
 
 
-def _profile(label: str, run, device: torch.device):
-    """Print the operators that take the most time in one call of `run`."""
+def _profile(label: str, run, device: torch.device, rank: int):
+    """Print the operators that take the most time in one call of `run`, and the share of the
+    matrix products with a dimension of `rank`: the adapter's own products, which no base
+    model projection has."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
-    with profile(activities=activities) as profiler:
+    with profile(activities=activities, record_shapes=True) as profiler:
         run()
     print(f"\n### profile: {label}\n")
-    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    sort_by = f"self_{kind}_time_total"
     print(profiler.key_averages().table(sort_by=sort_by, row_limit=20, max_name_column_width=40))
+
+    by_shape = profiler.key_averages(group_by_input_shape=True)
+    products = [e for e in by_shape if e.key in ("aten::mm", "aten::addmm", "aten::bmm")]
+    low_rank = [e for e in products if any(rank in shape for shape in e.input_shapes)]
+    seconds = [sum(getattr(e, sort_by) for e in events) / 1e6 for events in (by_shape, low_rank)]
+    calls = sum(e.count for e in low_rank)
+    print(
+        f"matrix products with a dimension of {rank}: {calls} calls, {seconds[1]:.3f} s of "
+        f"{seconds[0]:.3f} s self {kind.upper()} time ({seconds[1] / seconds[0]:.1%})"
+    )
 
 
 # -----------------------------------------------------------------------------
