@@ -667,6 +667,8 @@ def run(config: BenchConfig) -> dict:
     unknown = [name for name in config.variants if name not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variants {unknown}; expected names from {', '.join(VARIANTS)}")
+    if not 0 <= config.dropout < 1:
+        raise ValueError(f"--dropout must be in [0, 1), got {config.dropout}")
     if min(config.repeats, config.gen_repeats, config.memory_steps) < 1 or config.warmup < 0:
         raise ValueError(
             "--repeats, --gen-repeats and --memory-steps must be at least 1, --warmup at least 0"
@@ -707,7 +709,8 @@ def format_report(results: dict) -> str:
     header = (
         f"model={model} device={results['device']} dtype={results['dtype']} "
         f"batch={config['batch_size']}x{config['seq_len']} warmup={config['warmup']} "
-        f"repeats={config['repeats']} gen_repeats={config['gen_repeats']} memory={memory_kind}"
+        f"repeats={config['repeats']} gen_repeats={config['gen_repeats']} "
+        f"dropout={config['dropout']} memory={memory_kind}"
     )
     targets = [dict(t, result="met" if t["met"] else "missed") for t in results["targets"]]
     return "\n\n".join(
@@ -753,6 +756,12 @@ def parse_args(argv=None) -> BenchConfig:
     )
     parser.add_argument("--warmup", type=int, default=defaults.warmup, help="untimed rounds")
     parser.add_argument(
+        "--dropout",
+        type=float,
+        default=defaults.dropout,
+        help=f"dropout probability on every adapter input (default: {defaults.dropout})",
+    )
+    parser.add_argument(
         "--memory-steps",
         type=int,
         default=defaults.memory_steps,
@@ -792,6 +801,7 @@ def parse_args(argv=None) -> BenchConfig:
         gen_repeats=args.gen_repeats,
         memory=args.memory,
         memory_steps=args.memory_steps,
+        dropout=args.dropout,
         variants=[name.strip() for name in args.variants.split(",") if name.strip()],
         profile=args.profile,
         json=args.json,
