@@ -99,7 +99,7 @@ class RoutingState:
     The wrapper fills it before calling the base model, so no model code has to carry task ids.
     """
 
-    def __init__(self, expert_rank: int = 1, scaling: float = 1.0):
+    def __init__(self, expert_rank: int, scaling: float):
         self.expert_rank, self.scaling = expert_rank, scaling  # the same for every layer
         self.gate_weights: torch.Tensor | None = None  # (B, E), task gate only
         self.merged_task: int | None = None
@@ -107,7 +107,10 @@ class RoutingState:
         self._scale_cache: torch.Tensor | None = None  # (B, 1, r)
 
     def hidden_scale(self, batch_size: int, dtype: torch.dtype) -> torch.Tensor:
-        """Return the gate weights repeated R times, times alpha / r: (B, 1, r), once per call."""
+        """Return each gate weight repeated R times and multiplied by alpha / r, as (B, 1, r).
+
+        The tensor is computed once per call of the model and reused by every layer.
+        """
         cached = self._scale_cache
         if cached is not None and cached.shape[0] == batch_size and cached.dtype == dtype:
             return cached
