@@ -180,7 +180,7 @@ class MoELoRALinear(nn.Module):
 
         # One LoRA of rank r computes every expert at once.
         lora_A, lora_B = self.lora_A, self.lora_B
-        if lora_A.dtype != x.dtype:  # a bf16 or fp16 base model run without autocast
+        if lora_A.dtype != x.dtype:  # half-precision input: a bf16 model, or autocast output
             lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
         hidden = F.linear(self.state.dropout(x, self.dropout), lora_A)  # (B, T, r)
 
