@@ -75,6 +75,8 @@ class MoELoRAConfig:
             )
         if self.gate not in ("task", "token"):
             raise ValueError(f"gate must be 'task' or 'token', got {self.gate!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be a probability in [0, 1), got {self.dropout}")
 
     @property
     def expert_rank(self) -> int:

@@ -111,7 +111,7 @@ def convert_default_model(cache_dir: str | Path | None = None) -> Path:
         return target
 
     gguf_path = find_default_gguf()
-    logger.warning("converting %s to float32 safetensors in %s (once)", gguf_path, target)
+    logger.info("converting %s to float32 safetensors in %s (first load only)", gguf_path, target)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(
@@ -290,6 +290,8 @@ def validate_config(config: TrainConfig) -> None:
     for name, value in positive.items():
         if not value > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if not 0 <= config.lora_dropout < 1:
+        raise ValueError(f"--lora-dropout must be in [0, 1), got {config.lora_dropout}")
     if config.method not in METHODS:
         raise ValueError(f"invalid --method {config.method!r}; expected one of {METHODS}")
     if config.task_sampling not in TASK_SAMPLING:

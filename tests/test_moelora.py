@@ -249,6 +249,8 @@ def test_target_modules_regex():
 def test_rank_not_divisible_raises():
     with pytest.raises(ValueError, match="not divisible"):
         MoELoRAConfig(num_tasks=2, num_experts=3, rank=16)
+    with pytest.raises(ValueError, match=r"dropout must be a probability in \[0, 1\), got 1.5"):
+        MoELoRAConfig(num_tasks=2, dropout=1.5)
 
 
 def test_forward_without_task_ids_raises():

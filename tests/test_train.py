@@ -335,6 +335,13 @@ def test_non_positive_settings_rejected(tiny_model_dir, demo_dir, tmp_path, flag
         train.train(config)
 
 
+def test_dropout_outside_unit_interval_rejected(tiny_model_dir, demo_dir, tmp_path):
+    config = tiny_config(tiny_model_dir, demo_dir, tmp_path / "run", lora_dropout=1.5)
+    with pytest.raises(ValueError, match=r"--lora-dropout must be in \[0, 1\), got 1.5"):
+        train.train(config)
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_defaults_match_config():
     assert train.parse_args(["--data", "d", "--out", "o"]) == train.TrainConfig(data="d", out="o")
 
