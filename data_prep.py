@@ -252,7 +252,7 @@ def read_records(path: str | Path) -> list[tuple[dict, int]]:
                 path,
                 line_no,
                 None,
-                f"invalid JSON ({exc.msg} at column {exc.colno}); a task file needs one JSON "
+                f"invalid JSON ({exc.msg}: column {exc.colno}); a task file needs one JSON "
                 "record per line",
             ) from None
         records.append((validate_record(obj, path, line_no), line_no))
@@ -612,8 +612,9 @@ def _split_sizes(n: int, fractions: tuple[float, float, float], needed: list[str
     sizes["train"] = n - sizes["dev"] - sizes["test"]
     if sizes["train"] < 1:
         raise ValueError(
-            f"task {task} has {n} usable records, too few for a train/{'/'.join(needed)} split "
-            "with at least one record each; add records or pass --dev/--test files"
+            f"task {task} has {n} usable record{'s' if n != 1 else ''}, too few for a "
+            f"train/{'/'.join(needed)} split with at least one record each; add records or pass "
+            "--dev/--test files"
         )
     return sizes
 
