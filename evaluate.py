@@ -1048,8 +1048,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 
     # What to evaluate.
-    parser.add_argument("--data", default="data", help="prepared data directory (tasks.json)")
-    parser.add_argument("--split", default="test", help="split to evaluate: train, dev or test")
+    parser.add_argument(
+        "--data",
+        default="data",
+        help="prepared data directory with tasks.json (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--split",
+        default="test",
+        help="split to evaluate: train, dev or test (default: %(default)s)",
+    )
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--adapter", help="adapter folder, or none for the base model")
     mode.add_argument(
@@ -1072,17 +1080,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--out",
         default="runs/eval",
-        help="output folder for predictions, results.json, results.md, gates.png",
+        help="output folder for predictions, results.json, results.md, gates.png "
+        "(default: %(default)s)",
     )
 
     # Which records.
     parser.add_argument("--tasks", nargs="+", default=None, help="task names to evaluate")
-    parser.add_argument("--limit", type=int, default=None, help="max records per task")
+    parser.add_argument(
+        "--limit", type=int, default=None, help="max records per task (default: all)"
+    )
 
     # Generation.
     defaults = GenerationConfig()
     parser.add_argument(
-        "--batch-size", type=int, default=defaults.batch_size, help="prompts per generate() call"
+        "--batch-size",
+        type=int,
+        default=defaults.batch_size,
+        help="prompts per generate() call (default: %(default)s)",
     )
     parser.add_argument(
         "--max-new-tokens",
@@ -1095,13 +1109,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--new-token-margin",
         type=int,
         default=defaults.new_token_margin,
-        help="tokens added to each per-task cap",
+        help="tokens added to each per-task cap (default: %(default)s)",
     )
     parser.add_argument(
         "--max-length",
         type=int,
         default=defaults.max_length,
-        help="max prompt tokens; longer inputs are shortened",
+        help="max prompt tokens; longer inputs are shortened (default: %(default)s)",
     )
     parser.add_argument(
         "--no-merge",
@@ -1113,12 +1127,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     # Sampling, off by default.
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy")
     parser.add_argument(
-        "--temperature", type=float, default=defaults.temperature, help="sampling temperature"
+        "--temperature",
+        type=float,
+        default=defaults.temperature,
+        help="sampling temperature (default: %(default)s)",
     )
     parser.add_argument(
-        "--top-p", type=float, default=defaults.top_p, help="nucleus sampling probability mass"
+        "--top-p",
+        type=float,
+        default=defaults.top_p,
+        help="nucleus sampling probability mass (default: %(default)s)",
     )
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="torch seed for sampling")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=defaults.seed,
+        help="torch seed for sampling (default: %(default)s)",
+    )
 
     # Hardware.
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: auto)")
@@ -1153,7 +1178,7 @@ def evaluate_columns(args, tasks, records, cfg: GenerationConfig, out: Path) -> 
 
     columns = {}
     for spec, label in zip(specs, column_labels(specs), strict=True):
-        logger.info("evaluating %s on %d records (%s)", label, len(records), spec)
+        logger.info("evaluating %s on %d records (adapter: %s)", label, len(records), spec)
         model_name = base_name if spec == "none" else args.model
         model, tokenizer, _ = load_for_evaluation(
             spec, tasks, model_name, device, dtype, args.trust_remote_code
