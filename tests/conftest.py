@@ -10,6 +10,15 @@ import torch
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PROMPTCBLUE = SHARED_DATA / "promptcblue"
 
+
+def pytest_configure(config):
+    if not (PROMPTCBLUE / "toy").is_dir():
+        raise pytest.UsageError(
+            f"{PROMPTCBLUE} not found: the tests read the PromptCBLUE files from "
+            "shared/data/promptcblue in the folder that contains this repository"
+        )
+
+
 ENGLISH_LINES = [
     "Patient reports chest pain and shortness of breath for two days.",
     "Which department should a patient with a persistent cough visit?",
