@@ -182,16 +182,22 @@ class Variant:
     trainable_params: int
 
 
+def moelora_config(config: BenchConfig, num_experts: int, gate: str = "task") -> MoELoRAConfig:
+    """Build the MoELoRAConfig of a variant: the bench's rank, alpha, dropout and targets."""
+    return MoELoRAConfig(
+        num_tasks=config.num_tasks,
+        num_experts=num_experts,
+        rank=config.rank,
+        alpha=config.alpha,
+        dropout=config.dropout,
+        target_modules=TARGET_MODULES,
+        gate=gate,
+    )
+
+
 def build_variant(name: str, base_model: nn.Module, config: BenchConfig) -> Variant:
     """Put adapter variant `name` on a copy of `base_model` that shares its frozen weights."""
     model = _share_weights_copy(base_model)
-    moelora_kwargs = {
-        "num_tasks": config.num_tasks,
-        "rank": config.rank,
-        "alpha": config.alpha,
-        "dropout": config.dropout,
-        "target_modules": TARGET_MODULES,
-    }
     if name == "floor":
         model.enable_input_require_grads()
         wrapped, takes_task_ids = model, False
@@ -207,21 +213,19 @@ def build_variant(name: str, base_model: nn.Module, config: BenchConfig) -> Vari
         )
         wrapped, takes_task_ids = get_peft_model(model, peft_config), False
     elif name == "lora":
-        wrapped = MoELoRAModel(model, MoELoRAConfig(num_experts=1, **moelora_kwargs))
+        wrapped = MoELoRAModel(model, moelora_config(config, num_experts=1))
         takes_task_ids = True
     elif name == "moelora-loop":
         wrapped, takes_task_ids = LoopMoELoRAModel(model, config, config.num_tasks), True
     elif name == "moelora":
-        experts = config.num_experts
-        wrapped = MoELoRAModel(model, MoELoRAConfig(num_experts=experts, **moelora_kwargs))
+        wrapped = MoELoRAModel(model, moelora_config(config, config.num_experts))
         takes_task_ids = True
     elif name == "moelora-16x1":
-        wrapped = MoELoRAModel(model, MoELoRAConfig(num_experts=16, **moelora_kwargs))
+        wrapped = MoELoRAModel(model, moelora_config(config, num_experts=16))
         takes_task_ids = True
     elif name == "molora":
-        experts = config.num_experts
-        moelora_config = MoELoRAConfig(num_experts=experts, gate="token", **moelora_kwargs)
-        wrapped, takes_task_ids = MoELoRAModel(model, moelora_config), True
+        token_gated = moelora_config(config, config.num_experts, gate="token")
+        wrapped, takes_task_ids = MoELoRAModel(model, token_gated), True
     else:
         raise ValueError(f"unknown variant {name!r}; expected one of {', '.join(VARIANTS)}")
 
@@ -274,17 +278,10 @@ def time_training(config: BenchConfig, base_model, batches, device, autocast) ->
 
 def time_generation(config: BenchConfig, base_model, device, autocast) -> dict:
     """Time greedy generation for the base model, MOELoRA routed, and MOELoRA merged."""
-    moelora_config = MoELoRAConfig(
-        num_tasks=config.num_tasks,
-        num_experts=config.num_experts,
-        rank=config.rank,
-        alpha=config.alpha,
-        dropout=config.dropout,
-        target_modules=TARGET_MODULES,
-    )
-    routed = MoELoRAModel(_share_weights_copy(base_model), moelora_config).eval()
+    adapter_config = moelora_config(config, config.num_experts)
+    routed = MoELoRAModel(_share_weights_copy(base_model), adapter_config).eval()
     # Merging writes into the base weights, so the merged model gets weights of its own.
-    merged = MoELoRAModel(copy.deepcopy(base_model), moelora_config).eval()
+    merged = MoELoRAModel(copy.deepcopy(base_model), adapter_config).eval()
     merged.merge(0)
 
     generator = torch.Generator().manual_seed(config.seed + 1)
@@ -387,9 +384,11 @@ def _memory_worker(config: BenchConfig, name: str, sender):
 
 
 def _profile(label: str, run, device: torch.device, rank: int):
-    """Print the operators that take the most time in one call of `run`, and the share of the
-    matrix products with a dimension of `rank`: the adapter's own products, which no base
-    model projection has."""
+    """Print the operators that take the most time in one call of `run`.
+
+    Also print the share of the matrix products with a dimension of `rank`. Those are the
+    adapter's own products, because no base model projection has that dimension.
+    """
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU]
